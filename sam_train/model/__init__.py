@@ -1,0 +1,16 @@
+"""The SAM network, its named configurations, and official-checkpoint I/O."""
+
+from sam_train.model.build import MODEL_SPECS, SamSpec, build_sam
+from sam_train.model.checkpoint import CheckpointError, export_official, load_official, read_state_dict
+from sam_train.model.sam import Sam
+
+__all__ = [
+    "MODEL_SPECS",
+    "CheckpointError",
+    "Sam",
+    "SamSpec",
+    "build_sam",
+    "export_official",
+    "load_official",
+    "read_state_dict",
+]

@@ -1,0 +1,60 @@
+"""Mask decoder: output shapes, batched decoding across images, and equality with Meta's module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TOL = 1e-5
+
+
+def _prompts(model, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.rand(n, 2, 2, generator=g) * model.image_size
+    labels = torch.tensor([[1, 0]]).expand(n, 2)
+    return model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+
+
+@pytest.mark.parametrize("multimask,k", [(True, 3), (False, 1)])
+def test_output_shapes(tiny_pair, multimask, k):
+    model = tiny_pair[0]
+    embeddings = torch.randn(1, 128, 16, 16)
+    sparse, dense = _prompts(model, n=6)
+    masks, iou = model.mask_decoder(embeddings, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+    assert masks.shape == (6, k, 64, 64)
+    assert iou.shape == (6, k)
+    all_masks, all_iou = model.mask_decoder.predict_all_masks(embeddings, model.prompt_encoder.get_dense_pe(), sparse, dense)
+    assert all_masks.shape == (6, 4, 64, 64) and all_iou.shape == (6, 4)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_matches_meta(tiny_pair, multimask):
+    ours, meta = tiny_pair
+    embeddings = torch.randn(1, 128, 16, 16)
+    sparse, dense = _prompts(ours, n=3)
+    pe = ours.prompt_encoder.get_dense_pe()
+    got = ours.mask_decoder(embeddings, pe, sparse, dense, multimask)
+    want = meta.mask_decoder(embeddings, pe, sparse, dense, multimask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=TOL, rtol=0)
+
+
+def test_one_pass_over_many_images_equals_per_image_decoding(tiny_pair):
+    # Training decodes every mask of a batch at once, each prompt reading its own image.
+    model = tiny_pair[0]
+    embeddings = torch.randn(3, 128, 16, 16)
+    image_index = torch.tensor([2, 0, 0, 1, 2])
+    sparse, dense = _prompts(model, n=5)
+    pe = model.prompt_encoder.get_dense_pe()
+    together, iou_together = model.mask_decoder(embeddings, pe, sparse, dense, True, image_index=image_index)
+    for i, img in enumerate(image_index.tolist()):
+        alone, iou_alone = model.mask_decoder(embeddings[img : img + 1], pe, sparse[i : i + 1], dense[i : i + 1], True)
+        assert torch.allclose(together[i], alone[0], atol=TOL)
+        assert torch.allclose(iou_together[i], iou_alone[0], atol=TOL)
+
+
+def test_ambiguous_image_count_is_refused(tiny_pair):
+    model = tiny_pair[0]
+    sparse, dense = _prompts(model, n=5)
+    with pytest.raises(ValueError, match="2 image embeddings for 5 prompts"):
+        model.mask_decoder(torch.randn(2, 128, 16, 16), model.prompt_encoder.get_dense_pe(), sparse, dense, True)
