@@ -43,6 +43,76 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from sam_train.data.synth import synth_dataset
+
+    manifest = synth_dataset(args.out, args.images, args.seed, args.samples_per_shard, args.workers)
+    print(f"{manifest['total_samples']} synthetic samples in {len(manifest['shards'])} shards -> {args.out}")
+    return 0
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    from sam_train.data import convert
+
+    if args.source == "sa1b":
+        report = convert.convert_sa1b_folder(args.src, args.out, args.samples_per_shard)
+    elif args.source == "coco":
+        report = convert.convert_coco(args.annotations, args.src, args.out, args.samples_per_shard)
+    else:
+        report = convert.convert_mask_folder(args.src, args.masks, args.out, args.samples_per_shard)
+    for item, reason in report.skipped:
+        print(f"skipped {item}: {reason}", file=sys.stderr)
+    manifest = report.manifest
+    print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards -> {args.out} ({len(report.skipped)} skipped)")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from sam_train.data.check import check_shards
+
+    summary = check_shards([str(s) for s in args.shards])
+    return 1 if summary.bad else 0
+
+
+def _cmd_data_show(args: argparse.Namespace) -> int:
+    from sam_train.data.check import show_sample
+
+    print(f"wrote {show_sample(str(args.shard), args.key, args.out)}")
+    return 0
+
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="datasets: synthesise, convert, check, show").add_subparsers(
+        dest="action", required=True
+    )
+    synth = data.add_parser("synth", help="write the built-in synthetic SA-1B-style dataset")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--images", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--samples-per-shard", type=int, default=100)
+    synth.add_argument("--workers", type=int, default=0, help="processes drawing images (0 = one per core)")
+    synth.set_defaults(func=_cmd_data_synth)
+
+    convert = data.add_parser("convert", help="convert a dataset to SA-1B-style shards + manifest (resumable)")
+    convert.add_argument("source", choices=["sa1b", "coco", "masks"])
+    convert.add_argument("src", type=Path, help="sa1b: extracted folder; coco: images folder; masks: images folder")
+    convert.add_argument("out", type=Path)
+    convert.add_argument("--annotations", type=Path, help="coco: instances JSON")
+    convert.add_argument("--masks", type=Path, help="masks: folder of instance-label PNGs, same stems as the images")
+    convert.add_argument("--samples-per-shard", type=int, default=1000)
+    convert.set_defaults(func=_cmd_data_convert)
+
+    check = data.add_parser("check", help="validate every sample; one line per bad sample; exit 1 if any")
+    check.add_argument("shards", nargs="+", type=Path, help="dataset folders, folders of tars, or tar files")
+    check.set_defaults(func=_cmd_data_check)
+
+    show = data.add_parser("show", help="draw a sample's masks over its image")
+    show.add_argument("shard", type=Path)
+    show.add_argument("--key", required=True)
+    show.add_argument("--out", type=Path, required=True)
+    show.set_defaults(func=_cmd_data_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sam-train` argument parser."""
     parser = argparse.ArgumentParser(prog="sam-train", description=__doc__)
@@ -58,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the named model configurations")
     models.set_defaults(func=_cmd_models)
+
+    _add_data_commands(commands)
 
     checkpoint = commands.add_parser("checkpoint", help="checkpoint conversion").add_subparsers(dest="action", required=True)
     export = checkpoint.add_parser(

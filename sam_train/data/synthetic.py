@@ -24,84 +24,101 @@ class Scene:
     object_ids: list[int] = field(default_factory=list)
 
 
+Box = tuple[slice, slice]
+
+
 def draw_scene(rng: np.random.Generator, height: int, width: int, num_objects: int | None = None) -> Scene:
     """Draw one scene; the same generator state always gives the same scene."""
     if num_objects is None:
         num_objects = int(rng.integers(3, 9))
-    image = _texture(rng, (0, height, 0, width), rng.uniform(40, 215, size=3), rng.uniform(10, 30))
-    owner = np.full((height, width), -1, dtype=np.int32)  # index of the region visible at each pixel
-    regions: list[tuple[str, int, np.ndarray]] = []  # (level, object id, drawn mask)
+    noise = rng.random((height, width), dtype=np.float32) - 0.5  # one noise field, sliced by every region
+    full: Box = (slice(0, height), slice(0, width))
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    _paint(rng, image, noise, full, np.ones((height, width), dtype=bool))
+    owner = np.full((height, width), -1, dtype=np.int32)  # object visible at each pixel
+    regions: list[tuple[str, int, Box, np.ndarray]] = []  # (level, object id, box, mask inside box)
     for obj in range(num_objects):
         whole = np.zeros((height, width), dtype=bool)
         cy, cx = rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width
         size = rng.uniform(0.08, 0.25) * min(height, width)
         for _ in range(int(rng.integers(2, 4))):
             py, px = cy + rng.normal(0, 0.6) * size, cx + rng.normal(0, 0.6) * size
-            part = _shape(rng, height, width, py, px, size * rng.uniform(0.5, 0.9), size * rng.uniform(0.5, 0.9))
-            part &= ~whole  # parts of one object tile it without overlapping
+            box, part = _shape(rng, height, width, py, px, size * rng.uniform(0.5, 0.9), size * rng.uniform(0.5, 0.9))
+            part &= ~whole[box]  # the parts of one object tile it without overlapping
             if part.sum() < 64:
                 continue
-            whole |= part
-            _paint(rng, image, part)
-            regions.append(("part", obj, part))
+            whole[box] |= part
+            _paint(rng, image, noise, box, part)
+            regions.append(("part", obj, box, part))
             ys, xs = np.nonzero(part)
             for _ in range(int(rng.integers(0, 3))):
                 k = int(rng.integers(len(ys)))
-                sub = _shape(rng, height, width, ys[k], xs[k], size * rng.uniform(0.12, 0.3), size * rng.uniform(0.12, 0.3))
-                sub &= part
+                sub_box, sub = _shape(
+                    rng, height, width, box[0].start + ys[k], box[1].start + xs[k],
+                    size * rng.uniform(0.12, 0.3), size * rng.uniform(0.12, 0.3),
+                )
+                sub &= _crop(part, box, sub_box)
                 if sub.sum() < 32:
                     continue
-                _paint(rng, image, sub)
-                regions.append(("subpart", obj, sub))
+                _paint(rng, image, noise, sub_box, sub)
+                regions.append(("subpart", obj, sub_box, sub))
         if whole.any():
-            regions.append(("whole", obj, whole))
+            regions.append(("whole", obj, full, whole))
             owner[whole] = obj  # occludes everything drawn before
 
     scene = Scene(image=image)
-    for level, obj, mask in regions:
-        visible = mask & (owner == obj)
+    for level, obj, box, mask in regions:
+        visible = mask & (owner[box] == obj)
         if visible.sum() >= 16:
-            scene.masks.append(visible)
+            canvas = np.zeros((height, width), dtype=bool, order="F")  # RLE's order: encodes without a copy
+            canvas[box] = visible
+            scene.masks.append(canvas)
             scene.levels.append(level)
             scene.object_ids.append(obj)
     return scene
 
 
-def _shape(rng: np.random.Generator, height: int, width: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
-    """A random ellipse, rotated rectangle or superellipse centred at (cy, cx), as an H x W mask."""
-    mask = np.zeros((height, width), dtype=bool)
+def _shape(
+    rng: np.random.Generator, height: int, width: int, cy: float, cx: float, ry: float, rx: float
+) -> tuple[Box, np.ndarray]:
+    """A random ellipse, rounded square or near-rectangle at (cy, cx): its clipped box and the mask inside it."""
     r = max(ry, rx)
-    y0, y1 = int(max(cy - r, 0)), int(min(cy + r + 1, height))
-    x0, x1 = int(max(cx - r, 0)), int(min(cx + r + 1, width))
-    if y0 >= y1 or x0 >= x1:
-        return mask
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    y0, y1 = int(np.clip(cy - r, 0, height)), int(np.clip(cy + r + 1, 0, height))
+    x0, x1 = int(np.clip(cx - r, 0, width)), int(np.clip(cx + r + 1, 0, width))
+    ys = np.arange(y0, y1, dtype=np.float32)[:, None] - cy
+    xs = np.arange(x0, x1, dtype=np.float32)[None, :] - cx
     angle = rng.uniform(0, np.pi)
-    u = ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)) / rx
-    v = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) / ry
-    exponent = rng.choice([2.0, 4.0, 16.0])  # ellipse, rounded square, near-rectangle
-    mask[y0:y1, x0:x1] = np.abs(u) ** exponent + np.abs(v) ** exponent <= 1.0
-    return mask
+    u = (xs * np.cos(angle) + ys * np.sin(angle)) / rx
+    v = (ys * np.cos(angle) - xs * np.sin(angle)) / ry
+    exponent = rng.choice([2.0, 4.0, 16.0])
+    return (slice(y0, y1), slice(x0, x1)), np.abs(u) ** exponent + np.abs(v) ** exponent <= 1.0
 
 
-def _texture(rng: np.random.Generator, box: tuple[int, int, int, int], color: np.ndarray, amplitude: float) -> np.ndarray:
-    """Base colour plus oriented stripes and noise over box = (y0, y1, x0, x1), as uint8 RGB.
+def _crop(mask: np.ndarray, box: Box, inner: Box) -> np.ndarray:
+    """The part of `mask` (defined over `box`) that lies inside `inner`, as an array over `inner`."""
+    out = np.zeros((inner[0].stop - inner[0].start, inner[1].stop - inner[1].start), dtype=bool)
+    y0, y1 = max(box[0].start, inner[0].start), min(box[0].stop, inner[0].stop)
+    x0, x1 = max(box[1].start, inner[1].start), min(box[1].stop, inner[1].stop)
+    if y0 < y1 and x0 < x1:
+        out[y0 - inner[0].start : y1 - inner[0].start, x0 - inner[1].start : x1 - inner[1].start] = mask[
+            y0 - box[0].start : y1 - box[0].start, x0 - box[1].start : x1 - box[1].start
+        ]
+    return out
 
-    Stripes and noise make regions differ in texture, not only in colour.
+
+def _paint(rng: np.random.Generator, image: np.ndarray, noise: np.ndarray, box: Box, mask: np.ndarray) -> None:
+    """Fill `mask` (over `box`) with a random colour, oriented stripes and noise.
+
+    Stripes and noise make regions differ in texture, not only in colour. The stripes are
+    sin(a*x + b*y), expanded as a sum of outer products so no per-pixel sine is computed.
     """
-    y0, y1, x0, x1 = box
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    color = rng.uniform(0, 255, size=3).astype(np.float32)
+    amplitude = np.float32(rng.uniform(5, 40))
     angle, period = rng.uniform(0, np.pi), rng.uniform(4, 40)
-    stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / period))
-    noise = rng.normal(0, amplitude / 3, size=yy.shape).astype(np.float32)
-    shade = (amplitude * stripes + noise)[..., None]
-    return np.clip(color[None, None, :] + shade, 0, 255).astype(np.uint8)
-
-
-def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> None:
-    """Fill `mask` with a fresh random texture, computed only over the mask's bounding box."""
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    box = (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
-    texture = _texture(rng, box, rng.uniform(0, 255, size=3), rng.uniform(5, 40))
-    local = mask[box[0] : box[1], box[2] : box[3]]
-    image[box[0] : box[1], box[2] : box[3]][local] = texture[local]
+    fx, fy = 2 * np.pi * np.cos(angle) / period, 2 * np.pi * np.sin(angle) / period
+    xs = np.arange(box[1].start, box[1].stop, dtype=np.float32) * np.float32(fx)
+    ys = np.arange(box[0].start, box[0].stop, dtype=np.float32) * np.float32(fy)
+    stripes = np.sin(ys)[:, None] * np.cos(xs)[None, :] + np.cos(ys)[:, None] * np.sin(xs)[None, :]
+    shade = amplitude * (stripes + noise[box])
+    texture = np.clip(color + shade[mask][:, None], 0, 255).astype(np.uint8)
+    image[box][mask] = texture

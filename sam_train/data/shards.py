@@ -1,0 +1,253 @@
+"""Webdataset tar shards: write them crash-safely with a manifest, stream them back sample by sample.
+
+A shard holds samples as adjacent members `<key>.jpg` + `<key>.json` (SA-1B's own tar layout),
+so raw SA-1B tars and our shards are read by the same code. A shard file appears only once it is
+complete (temp name, fsync, rename); `manifest.json` is written last, so a dataset folder with a
+manifest is always whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import webdataset as wds
+
+from sam_train.atomic_io import atomic_path, atomic_write_bytes
+from sam_train.data.errors import SampleError, ShardLayoutError
+from sam_train.data.sa1b import SCHEMA_VERSION
+
+MANIFEST = "manifest.json"
+RESHARD_HINT = "re-shard it with `sam-train data convert` (it writes each sample's members adjacently)"
+T = TypeVar("T")
+
+
+@dataclass
+class RawSample:
+    """The undecoded members of one sample; `error` says why it cannot be used, if it cannot."""
+
+    shard: str
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)  # extension ("jpg", "json") -> bytes
+    error: str | None = None
+
+    def fail(self, reason: str) -> SampleError:
+        return SampleError(self.shard, self.key, reason)
+
+
+def shard_name(index: int, prefix: str = "shard") -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def write_shard(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> dict:
+    """Write (key, members) samples into one tar, atomically; return its manifest entry."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="", group="", mode=0o644) as tar:
+            for key, members in samples:
+                tar.write({"__key__": key, **members})
+    return shard_entry(path, len(samples))
+
+
+def shard_entry(path: Path, samples: int) -> dict:
+    """Manifest entry of a finished shard file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"name": path.name, "samples": samples, "sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    items: Sequence[T],
+    make_sample: Callable[[T], tuple[str, dict[str, bytes]] | None],
+    samples_per_shard: int,
+    source: dict[str, Any],
+    prefix: str = "shard",
+    on_skip: Callable[[T, Exception], None] | None = None,
+    map_fn: Callable[..., Iterable] = map,
+) -> dict:
+    """Turn `items` into shards of `samples_per_shard` items each, then write the manifest.
+
+    Item i always lands in shard i // samples_per_shard, so a rerun after an interruption keeps
+    every shard that was finished (they are complete by construction) and writes only the rest:
+    no duplicates, no gaps. `make_sample` returns (key, members) or None to leave an item out;
+    a ValueError it raises is passed to `on_skip` (default: re-raised). `map_fn` (e.g. a process
+    pool's `map`, with a picklable `make_sample`) produces one shard's samples in parallel.
+    """
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index, start in enumerate(range(0, len(items), samples_per_shard)):
+        path = out / shard_name(index, prefix)
+        if path.exists():
+            entries.append(shard_entry(path, count_samples(path)))
+            continue
+        chunk = items[start : start + samples_per_shard]
+        samples = []
+        for item, (sample, error) in zip(chunk, map_fn(partial(_attempt, make_sample), chunk)):
+            if error is not None:
+                if on_skip is None:
+                    raise error
+                on_skip(item, error)
+            elif sample is not None:
+                samples.append(sample)
+        entries.append(write_shard(path, samples))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "format": "sa1b-webdataset",
+        "source": source,
+        "samples_per_shard": samples_per_shard,
+        "total_samples": sum(e["samples"] for e in entries),
+        "shards": entries,
+    }
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def _attempt(make_sample: Callable, item: Any) -> tuple[Any, ValueError | None]:
+    try:
+        return make_sample(item), None
+    except ValueError as exc:
+        return None, exc
+
+
+def read_manifest(dataset_dir: str | os.PathLike) -> dict:
+    """The manifest of a dataset folder written by `write_dataset`."""
+    path = Path(dataset_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: not a finished sam-train dataset (convert or synth it first)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: malformed JSON ({exc})") from exc
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema version {manifest.get('schema_version')!r}, this sam-train reads {SCHEMA_VERSION}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A shard to read and how many samples it holds."""
+
+    url: str
+    samples: int
+
+
+def resolve_shards(sources: Sequence[str | os.PathLike]) -> list[ShardRef]:
+    """Expand dataset folders (via their manifest), folders of tars (raw SA-1B) and tar paths."""
+    refs: list[ShardRef] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir() and (path / MANIFEST).is_file():
+            refs += [ShardRef(str(path / e["name"]), int(e["samples"])) for e in read_manifest(path)["shards"]]
+        elif path.is_dir():
+            tars = sorted(path.glob("*.tar"))
+            if not tars:
+                raise FileNotFoundError(f"{path}: no manifest.json and no .tar files")
+            refs += [ShardRef(str(t), count_samples(t)) for t in tars]
+        elif path.is_file():
+            refs.append(ShardRef(str(path), count_samples(path)))
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return refs
+
+
+def count_samples(path: str | os.PathLike) -> int:
+    """Number of distinct keys in a local tar, reading only member headers (fast on 10 GB tars)."""
+    keys = set()
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            if info.isreg():
+                keys.add(split_member_name(info.name)[0])
+            tar.members = []  # keep memory flat on huge tars
+    return len(keys)
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """'./sa_1.jpg' -> ('sa_1', 'jpg'): the key is everything before the first dot of the basename."""
+    name = name[2:] if name.startswith("./") else name
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def unsafe_member_reason(name: str) -> str | None:
+    """Why a member path must never be used (absolute, or climbing out with '..'), else None."""
+    if name.startswith("/") or name.startswith("\\"):
+        return f"member path {name!r} is absolute"
+    if ".." in name.replace("\\", "/").split("/"):
+        return f"member path {name!r} climbs out of the archive with '..'"
+    return None
+
+
+def iter_raw_samples(url: str, skip: int = 0, limit: int | None = None) -> Iterator[RawSample]:
+    """Stream samples of one tar (local path or any webdataset URL, e.g. `pipe:...`), no extraction.
+
+    Members of a sample must be adjacent; a key that comes back later raises ShardLayoutError
+    with the fix. A member with an unsafe path or a duplicated extension makes its sample carry
+    an `error` (the caller counts it as bad) instead of stopping the stream. The first `skip`
+    samples are passed over without reading their data into Python; at most `limit` are yielded.
+    """
+    finished: set[str] = set()
+    current: RawSample | None = None
+    index = 0  # samples started so far
+    emitted = 0
+    with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, ext = split_member_name(info.name)
+            if current is None or key != current.key:
+                if current is not None:
+                    finished.add(current.key)
+                    if current.members or current.error:
+                        yield current
+                        emitted += 1
+                if key in finished:
+                    raise ShardLayoutError(f"{url}: members of sample {key!r} are not adjacent; {RESHARD_HINT}")
+                if limit is not None and emitted >= limit:
+                    return
+                current = RawSample(url, key)
+                index += 1
+            tar.members = []
+            if index <= skip:
+                continue
+            reason = unsafe_member_reason(info.name)
+            if reason is None and ext in current.members:
+                reason = f"duplicate member {info.name!r}"
+            if reason is not None:
+                current.error = current.error or reason
+                continue
+            current.members[ext] = tar.extractfile(info).read()
+        if current is not None and (current.members or current.error) and (limit is None or emitted < limit):
+            yield current
+
+
+def read_sample(url: str, key: str) -> RawSample:
+    """The one sample with `key` from a shard (for `data show` and debugging)."""
+    for sample in iter_raw_samples(url):
+        if sample.key == key:
+            return sample
+    raise KeyError(f"{url}: no sample with key {key!r}")
+
+
+def members_to_bytes(members: dict[str, Any]) -> dict[str, bytes]:
+    """Encode dict/str members (JSON records, text) as bytes for writing."""
+    out = {}
+    for ext, value in members.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, separators=(",", ":")).encode()
+        elif isinstance(value, str):
+            value = value.encode()
+        out[ext] = bytes(value)
+    return out
