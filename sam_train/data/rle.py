@@ -70,6 +70,12 @@ def validated_counts(rle: dict, height: int, width: int) -> np.ndarray:
     return counts
 
 
+def sample_grid(src_size: int, positions: np.ndarray) -> np.ndarray:
+    """Nearest source index of each sample position (in source pixel units); -1 when outside."""
+    index = np.floor(positions).astype(np.int64)
+    return np.where((positions >= 0) & (index < src_size), index, -1)
+
+
 class SampleGrid:
     """Which source pixel each output pixel reads: the part of decoding shared by all masks of an image.
 
@@ -96,8 +102,8 @@ class SampleGrid:
     @classmethod
     def resize(cls, height: int, width: int, out_height: int, out_width: int) -> "SampleGrid":
         """Nearest-neighbour grid resizing height x width to out_height x out_width."""
-        rows = np.floor((np.arange(out_height) + 0.5) * height / out_height).astype(np.int64)
-        cols = np.floor((np.arange(out_width) + 0.5) * width / out_width).astype(np.int64)
+        rows = sample_grid(height, (np.arange(out_height) + 0.5) * height / out_height)
+        cols = sample_grid(width, (np.arange(out_width) + 0.5) * width / out_width)
         return cls(height, rows, cols)
 
     def decode(self, counts: np.ndarray) -> np.ndarray:

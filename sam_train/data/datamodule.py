@@ -1,0 +1,165 @@
+"""LightningDataModule over SA-1B-style shards: where batches come from, and where a run stands in the data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from sam_train.data.iteration import ShardStream
+from sam_train.data.pipeline import SampleConfig, TrainSample, collate, decode_sample, sample_rng
+from sam_train.data.shards import RawSample, resolve_shards
+
+log = logging.getLogger(__name__)
+
+
+def decode_for_stream(cfg: SampleConfig, seed: int, raw: RawSample, epoch: int) -> TrainSample | None:
+    """Picklable decode callable for DataLoader workers."""
+    return decode_sample(raw, cfg, sample_rng(seed, epoch, raw.key))
+
+
+def collate_stream(items: list[tuple[TrainSample, list[dict]]]) -> dict:
+    """Collate (sample, skipped) pairs; the skipped records ride along to the main process."""
+    batch = collate([sample for sample, _ in items])
+    batch["skipped"] = [record for _, records in items for record in records]
+    return batch
+
+
+class _PositionedLoader(DataLoader):
+    """A DataLoader that asks where to start each time an epoch's iteration begins."""
+
+    def __init__(self, dataset: ShardStream, next_position: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._next_position = next_position
+
+    def __iter__(self):
+        self.dataset.set_position(*self._next_position())
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        return self.dataset.batches_per_epoch(self.num_workers)
+
+
+class SA1BDataModule(L.LightningDataModule):
+    """Train/val batches from shards; its state (epoch, batches consumed) makes resume exact."""
+
+    def __init__(
+        self,
+        train: Sequence[str],
+        image_size: int,
+        val: Sequence[str] = (),
+        sample: dict | None = None,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        seed: int = 0,
+        interleave: int = 4,
+        resample_to: int | None = None,
+        strict: bool = False,
+        bad_samples_log: str | None = None,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        self.train_sources, self.val_sources = list(train), list(val)
+        self.sample_cfg = SampleConfig(image_size=image_size, **_as_tuples(dict(sample or {})))
+        # Validation sees images as inference does: no jitter, no flip.
+        self.val_cfg = dataclasses.replace(self.sample_cfg, jitter_scale=None, hflip_prob=0.0)
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.interleave, self.resample_to, self.strict = interleave, resample_to, strict
+        self.bad_samples_log = Path(bad_samples_log) if bad_samples_log else None
+        self.pin_memory = pin_memory
+        self.bad_samples = 0
+        self._epoch = 0
+        self._consumed = 0  # training batches of `_epoch` handed to the model
+        self._resume: dict | None = None
+        self._iterations = 0
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _stream(self, sources: list[str], cfg: SampleConfig, resample_to: int | None) -> ShardStream:
+        rank, world = self._rank_world()
+        stream = ShardStream(
+            resolve_shards(sources),
+            decode=partial(decode_for_stream, cfg, self.seed),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            interleave_width=self.interleave,
+            resample_to=resample_to,
+            strict=self.strict,
+        )
+        stream.check_layout(self.num_workers)
+        return stream
+
+    def _loader(self, stream: ShardStream, next_position: Callable[[], tuple[int, int]]) -> DataLoader:
+        return _PositionedLoader(
+            stream,
+            next_position,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_stream,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,  # workers are re-forked each epoch with the new position
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._stream(self.train_sources, self.sample_cfg, self.resample_to), self._next_train_position)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_sources:
+            return []
+        return self._loader(self._stream(self.val_sources, self.val_cfg, None), lambda: (0, 0))
+
+    def _next_train_position(self) -> tuple[int, int]:
+        """Called as each training epoch starts: its number and the batch to start from."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else self._iterations
+        self._iterations += 1
+        start = self._resume["batches"] if self._resume and self._resume["epoch"] == epoch else 0
+        self._resume = None
+        self._epoch, self._consumed = epoch, start
+        return epoch, start
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        skipped = batch.pop("skipped", [])
+        if self.trainer is None or self.trainer.training:
+            self._consumed += 1
+        if skipped:
+            self.record_bad_samples(skipped)
+        return batch
+
+    def record_bad_samples(self, records: list[dict]) -> None:
+        """Count bad samples and append them to bad_samples.jsonl (one JSON object per line)."""
+        self.bad_samples += len(records)
+        for record in records:
+            log.warning("bad sample skipped: %s %s: %s", record["shard"], record["key"], record["reason"])
+        if self.bad_samples_log is not None:
+            self.bad_samples_log.parent.mkdir(parents=True, exist_ok=True)
+            lines = "".join(json.dumps({**r, "epoch": self._epoch}) + "\n" for r in records)
+            # O_APPEND: lines from several ranks never interleave mid-line.
+            fd = os.open(self.bad_samples_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, lines.encode())
+            finally:
+                os.close(fd)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._consumed, "bad_samples": self.bad_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        self.bad_samples = int(state.get("bad_samples", 0))
+
+
+def _as_tuples(values: dict) -> dict:
+    """Hydra lists -> tuples for the frozen SampleConfig."""
+    return {k: tuple(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig" else v for k, v in values.items()}

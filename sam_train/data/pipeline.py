@@ -1,0 +1,205 @@
+"""Raw SA-1B sample (JPEG + JSON bytes) -> training sample: image canvas and its masks.
+
+The costs that matter at ~100 masks per image are JPEG and RLE decoding, so: the JPEG is
+decoded at reduced scale (DCT scaling) when it is much larger than the canvas, masks are filtered
+and sampled from their JSON fields before any is decoded, and only the kept RLEs are decoded,
+straight onto the loss-resolution grid (`rle.SampleGrid`), never at full source size.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sam_train.data import rle
+from sam_train.data.sa1b import parse_record
+from sam_train.data.shards import RawSample
+from sam_train.geometry import longest_side_shape
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How raw samples become training samples; filled from `configs/data/*.yaml` (`sample:`)."""
+
+    image_size: int = 1024  # square canvas side, the model's input size
+    mask_stride: int = 4  # masks come out at image_size / mask_stride: the decoder's low-res logits
+    max_masks: int = 64  # K masks sampled per image
+    max_area_fraction: float = 0.9  # masks covering at least this much of the image are dropped
+    min_mask_area: float = 16.0  # in canvas pixels at base scale; smaller masks are dropped
+    min_predicted_iou: float = 0.0
+    min_stability_score: float = 0.0
+    jitter_scale: tuple[float, float] | None = None  # large-scale jitter range, e.g. (0.1, 2.0)
+    hflip_prob: float = 0.0
+
+    @property
+    def mask_size(self) -> int:
+        return self.image_size // self.mask_stride
+
+
+@dataclass
+class TrainSample:
+    """One image on its canvas and its masks, ready to collate."""
+
+    key: str
+    shard: str
+    image: torch.Tensor  # 3 x S x S uint8, content at top-left, zero padding
+    masks: torch.Tensor  # K x m x m bool, m = S / mask_stride
+    content_size: tuple[int, int]  # (h, w) of the image content on the canvas
+    original_size: tuple[int, int]  # (h, w) of the source image
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the source image lands on the canvas: scale, crop offset, flip."""
+
+    height: int
+    width: int
+    scale: float  # canvas pixels per source pixel
+    offset: tuple[int, int]  # (oy, ox): canvas window's origin in the scaled image (crop when > 0)
+    content: tuple[int, int]  # (h, w) of the canvas covered by the image
+    flip: bool
+
+    @classmethod
+    def choose(cls, height: int, width: int, cfg: SampleConfig, rng: np.random.Generator) -> "Placement":
+        """Resize longest side to the canvas; with jitter, rescale and randomly crop; maybe flip."""
+        size = cfg.image_size
+        jitter = rng.uniform(*cfg.jitter_scale) if cfg.jitter_scale else 1.0
+        scale = size / max(height, width) * jitter
+        if jitter == 1.0:
+            scaled = longest_side_shape(height, width, size)  # Meta's rounding, as at inference
+        else:
+            scaled = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
+        oy = int(rng.integers(0, scaled[0] - size + 1)) if scaled[0] > size else 0
+        ox = int(rng.integers(0, scaled[1] - size + 1)) if scaled[1] > size else 0
+        content = (min(size, scaled[0] - oy), min(size, scaled[1] - ox))
+        flip = bool(cfg.hflip_prob > 0 and rng.random() < cfg.hflip_prob)
+        return cls(height, width, scale, (oy, ox), content, flip)
+
+    def source_box(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of the source region shown on the canvas, in source pixels."""
+        (oy, ox), (ch, cw) = self.offset, self.content
+        x0, x1 = ox / self.scale, (ox + cw) / self.scale
+        if self.flip:
+            x0, x1 = self.width - x1, self.width - x0
+        return x0, oy / self.scale, x1, (oy + ch) / self.scale
+
+    def mask_grid(self, mask_size: int, stride: int) -> tuple[rle.SampleGrid, bool]:
+        """Grid mapping each mask-output pixel to its source pixel; True if columns come out reversed."""
+        centres = (np.arange(mask_size) + 0.5) * stride
+        oy, ox = self.offset
+        ys = np.where(centres < self.content[0], (centres + oy) / self.scale, -1.0)
+        xs = np.where(centres < self.content[1], (centres + ox) / self.scale, -1.0)
+        rows = rle.sample_grid(self.height, ys)
+        cols = rle.sample_grid(self.width, xs)
+        if self.flip:  # mirror valid columns; decode in increasing order, reverse afterwards
+            valid = cols >= 0
+            cols = np.where(valid, self.width - 1 - cols, -1)[::-1]
+        return rle.SampleGrid(self.height, rows, cols), self.flip
+
+    def visible(self, bbox: list[float]) -> bool:
+        """Whether an [x, y, w, h] source box reaches the canvas window at all."""
+        x0, y0, x1, y1 = self.source_box()
+        return bbox[0] < x1 and bbox[0] + bbox[2] > x0 and bbox[1] < y1 and bbox[1] + bbox[3] > y0
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """Per-sample randomness from (seed, epoch, key): independent of worker layout, so resumable."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+def decode_sample(raw: RawSample, cfg: SampleConfig, rng: np.random.Generator) -> TrainSample | None:
+    """Decode one raw sample; None when no mask survives filtering. Raises `SampleError` if it is bad."""
+    if raw.error:
+        raise raw.fail(raw.error)
+    for ext in ("jpg", "json"):
+        if ext not in raw.members:
+            raise raw.fail(f"no .{ext} member")
+    try:
+        record = parse_record(raw.members["json"])
+    except ValueError as exc:
+        raise raw.fail(str(exc)) from None
+    height, width = record["image"]["height"], record["image"]["width"]
+    placement = Placement.choose(height, width, cfg, rng)
+
+    annotations = [a for a in record["annotations"] if _keep(a, height, width, placement, cfg)]
+    if len(annotations) > cfg.max_masks:
+        annotations = [annotations[i] for i in sorted(rng.choice(len(annotations), cfg.max_masks, replace=False))]
+    if not annotations:
+        return None
+
+    image = _decode_image(raw, placement, cfg.image_size)
+    grid, reversed_cols = placement.mask_grid(cfg.mask_size, cfg.mask_stride)
+    masks = np.empty((len(annotations), cfg.mask_size, cfg.mask_size), dtype=bool)
+    for i, ann in enumerate(annotations):
+        try:
+            counts = rle.validated_counts(ann["segmentation"], height, width)
+        except rle.RLEError as exc:
+            raise raw.fail(f"annotation id {ann.get('id')}: {exc}") from None
+        mask = grid.decode(counts)
+        masks[i] = mask[:, ::-1] if reversed_cols else mask
+    masks = masks[masks.any(axis=(1, 2))]  # cropped away or below one low-res pixel
+    if not len(masks):
+        return None
+    return TrainSample(
+        key=raw.key,
+        shard=raw.shard,
+        image=image,
+        masks=torch.from_numpy(masks),
+        content_size=placement.content,
+        original_size=(height, width),
+    )
+
+
+def _keep(ann: dict, height: int, width: int, placement: Placement, cfg: SampleConfig) -> bool:
+    """Filter on JSON fields only, before anything is decoded."""
+    base_scale = cfg.image_size / max(height, width)
+    return (
+        ann["area"] < cfg.max_area_fraction * height * width
+        and ann["area"] * base_scale**2 >= cfg.min_mask_area
+        and ann["predicted_iou"] >= cfg.min_predicted_iou
+        and ann["stability_score"] >= cfg.min_stability_score
+        and placement.visible(ann["bbox"])
+    )
+
+
+def _decode_image(raw: RawSample, placement: Placement, size: int) -> torch.Tensor:
+    """JPEG -> 3 x S x S uint8 canvas; DCT-scaled decode when the JPEG is >= 2x what is needed."""
+    try:
+        image = Image.open(io.BytesIO(raw.members["jpg"]))
+    except (OSError, SyntaxError) as exc:
+        raise raw.fail(f"corrupt JPEG ({exc})") from None
+    if image.size != (placement.width, placement.height):
+        raise raw.fail(f"JPEG is {image.size[0]}x{image.size[1]} but its JSON says {placement.width}x{placement.height}")
+    ch, cw = placement.content
+    x0, y0, x1, y1 = placement.source_box()
+    try:
+        # JPEG can decode at 1/2, 1/4 or 1/8 scale; draft picks the smallest not below the scaled size.
+        image.draft("RGB", (int(placement.width * placement.scale + 1), int(placement.height * placement.scale + 1)))
+        fx, fy = image.size[0] / placement.width, image.size[1] / placement.height
+        box = (max(0.0, x0 * fx), max(0.0, y0 * fy), min(image.size[0], x1 * fx), min(image.size[1], y1 * fy))
+        image = image.convert("RGB").resize((cw, ch), Image.BILINEAR, box=box)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise raw.fail(f"corrupt JPEG ({exc})") from None
+    if placement.flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    canvas = torch.zeros(3, size, size, dtype=torch.uint8)
+    canvas[:, :ch, :cw] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    return canvas
+
+
+def collate(samples: list[TrainSample]) -> dict:
+    """Batch for one encoder pass over B images and one decoder pass over all M masks."""
+    masks = [s.masks for s in samples]
+    return {
+        "images": torch.stack([s.image for s in samples]),  # B x 3 x S x S uint8
+        "masks": torch.cat(masks),  # M x m x m bool
+        "image_index": torch.cat([torch.full((len(m),), i, dtype=torch.long) for i, m in enumerate(masks)]),  # M
+        "content_sizes": torch.tensor([s.content_size for s in samples], dtype=torch.long),  # B x 2
+        "original_sizes": torch.tensor([s.original_size for s in samples], dtype=torch.long),  # B x 2
+        "keys": [s.key for s in samples],
+    }
