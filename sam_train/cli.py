@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sam_train.config import load_config
@@ -32,6 +30,8 @@ def _cmd_checkpoint_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
     from sam_train.model import MODEL_SPECS, build_sam
 
     print(f"{'name':8} {'parameters':>12} {'input':>6} {'embedding':>14}  backbone")
@@ -148,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from sam_train.model import CheckpointError
-
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, KeyError, HydraException, OmegaConfBaseException) as exc:
+    except KeyError as exc:  # str(KeyError) would quote the message
+        print(f"sam-train: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    # Bad input of every kind (CheckpointError, SampleError, ShardLayoutError, ...) is a ValueError.
+    except (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as exc:
         print(f"sam-train: error: {exc}", file=sys.stderr)
         return 2
 

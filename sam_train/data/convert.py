@@ -146,7 +146,7 @@ def coco_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     elif isinstance(segmentation, dict) and "counts" in segmentation:
         try:
             rle.validated_counts(segmentation, height, width)
-        except (TypeError, ValueError) as exc:  # rle_counts raises TypeError on counts of another type
+        except ValueError as exc:
             raise ValueError(f"bad RLE: {exc}") from exc
         counts = segmentation["counts"]
         if isinstance(counts, list):
@@ -208,7 +208,7 @@ def _sa1b_sample(source: tuple[Path, Path]) -> tuple[bytes, dict]:
     for i, ann in enumerate(record["annotations"]):
         try:
             rle.validated_counts(ann["segmentation"], height, width)
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:
             raise ValueError(f"{json_path}: annotation {i} (id {ann.get('id')!r}): {exc}") from exc
     return data, record
 

@@ -34,6 +34,8 @@ def rle_counts(rle: dict) -> np.ndarray:
     counts = rle["counts"]
     if isinstance(counts, list):
         return np.asarray(counts, dtype=np.int64)
+    if not isinstance(counts, (str, bytes)):
+        raise RLEError(f"RLE counts must be a string or a list, got {type(counts).__name__}")
     raw = np.frombuffer(counts.encode("ascii") if isinstance(counts, str) else counts, dtype=np.uint8)
     if raw.size == 0:
         return np.zeros(0, dtype=np.int64)

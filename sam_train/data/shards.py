@@ -25,6 +25,7 @@ from sam_train.data.errors import SampleError, ShardLayoutError
 from sam_train.data.sa1b import SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
+JOB_FILE = ".sam-train-job.json"  # what a folder is being filled with, for safe resumes
 RESHARD_HINT = "re-shard it with `sam-train data convert` (it writes each sample's members adjacently)"
 T = TypeVar("T")
 
@@ -86,6 +87,7 @@ def write_dataset(
         raise ValueError("samples_per_shard must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _claim(out, {"source": source, "samples_per_shard": samples_per_shard, "prefix": prefix, "items": len(items)})
     entries = []
     for index, start in enumerate(range(0, len(items), samples_per_shard)):
         path = out / shard_name(index, prefix)
@@ -112,6 +114,23 @@ def write_dataset(
     }
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _claim(out: Path, job: dict) -> None:
+    """Record what this folder is being filled with; refuse to resume a different job into it.
+
+    Resuming keeps finished shards, which is only right when they came from the same source
+    with the same shard size.
+    """
+    path = out / JOB_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != json.loads(json.dumps(job)):
+            raise ValueError(
+                f"{out} already holds shards of another conversion ({previous}); write into an empty folder"
+            )
+        return
+    atomic_write_bytes(path, json.dumps(job, indent=1).encode())
 
 
 def _attempt(make_sample: Callable, item: Any) -> tuple[Any, ValueError | None]:
@@ -165,7 +184,7 @@ def resolve_shards(sources: Sequence[str | os.PathLike]) -> list[ShardRef]:
 def count_samples(path: str | os.PathLike) -> int:
     """Number of distinct keys in a local tar, reading only member headers (fast on 10 GB tars)."""
     keys = set()
-    with tarfile.open(path, mode="r:") as tar:
+    with tarfile.open(path, mode="r:*") as tar:  # plain tars seek past data; compressed ones are read
         for info in tar:
             if info.isreg():
                 keys.add(split_member_name(info.name)[0])

@@ -133,7 +133,7 @@ def test_coco_round_trip_matches_pycocotools(coco_dataset, tmp_path):
     assert "outside the images folder" in reasons_for(report.skipped, "../escape.jpg")
     assert len(report.skipped) == 5
     assert not (tmp_path / "escape.jpg").exists() and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "coco-000000.tar", "manifest.json"
+        ".sam-train-job.json", "coco-000000.tar", "manifest.json"
     ]
 
 
@@ -284,3 +284,12 @@ def test_cli_converts_coco(coco_dataset, tmp_path):
     assert f"3 samples in 1 shards -> {out} (5 skipped)" in result.stdout
     assert "skipped a.jpg ann 13: empty mask" in result.stderr
     assert shards.read_manifest(out)["total_samples"] == 3
+
+
+def test_resuming_a_different_conversion_into_the_same_folder_is_refused(tmp_path):
+    from sam_train.data.shards import write_dataset
+
+    out = tmp_path / "out"
+    write_dataset(out, [1, 2, 3], lambda i: (f"k{i}", {"txt": b"x"}), 2, source={"kind": "a"})
+    with pytest.raises(ValueError, match="already holds shards of another conversion"):
+        write_dataset(out, [1, 2, 3], lambda i: (f"k{i}", {"txt": b"x"}), 3, source={"kind": "a"})
