@@ -9,11 +9,13 @@ straight onto the loss-resolution grid (`rle.SampleGrid`), never at full source 
 from __future__ import annotations
 
 import io
+import warnings
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sam_train.data import rle
@@ -120,29 +122,35 @@ def decode_sample(raw: RawSample, cfg: SampleConfig, rng: np.random.Generator) -
         if ext not in raw.members:
             raise raw.fail(f"no .{ext} member")
     try:
-        record = parse_record(raw.members["json"])
+        record = parse_record(raw.members["json"], check_annotations=False)
     except ValueError as exc:
         raise raw.fail(str(exc)) from None
     height, width = record["image"]["height"], record["image"]["width"]
     placement = Placement.choose(height, width, cfg, rng)
 
-    annotations = [a for a in record["annotations"] if _keep(a, height, width, placement, cfg)]
+    try:
+        annotations = [a for a in record["annotations"] if _keep(a, height, width, placement, cfg)]
+        rles = [a["segmentation"] for a in annotations]
+    except (KeyError, TypeError, IndexError) as exc:
+        raise raw.fail(f"an annotation does not follow the SA-1B schema ({type(exc).__name__}: {exc})") from None
     if len(annotations) > cfg.max_masks:
-        annotations = [annotations[i] for i in sorted(rng.choice(len(annotations), cfg.max_masks, replace=False))]
+        chosen = sorted(rng.choice(len(annotations), cfg.max_masks, replace=False))
+        annotations, rles = [annotations[i] for i in chosen], [rles[i] for i in chosen]
     if not annotations:
         return None
 
     image = _decode_image(raw, placement, cfg.image_size)
+    try:
+        counts, offsets = rle.batch_counts(rles, height, width)
+    except rle.RLEError as exc:
+        raise raw.fail(f"annotation id {annotations[exc.index].get('id')}: {exc}") from None
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise raw.fail(f"a segmentation is not an RLE with size and counts ({exc})") from None
     grid, reversed_cols = placement.mask_grid(cfg.mask_size, cfg.mask_stride)
-    masks = np.empty((len(annotations), cfg.mask_size, cfg.mask_size), dtype=bool)
-    for i, ann in enumerate(annotations):
-        try:
-            counts = rle.validated_counts(ann["segmentation"], height, width)
-        except rle.RLEError as exc:
-            raise raw.fail(f"annotation id {ann.get('id')}: {exc}") from None
-        mask = grid.decode(counts)
-        masks[i] = mask[:, ::-1] if reversed_cols else mask
-    masks = masks[masks.any(axis=(1, 2))]  # cropped away or below one low-res pixel
+    masks = grid.decode_batch(counts, offsets)  # K x m x m
+    if reversed_cols:
+        masks = masks[:, :, ::-1]
+    masks = np.ascontiguousarray(masks[masks.any(axis=(1, 2))])  # drop the cropped away or sub-pixel
     if not len(masks):
         return None
     return TrainSample(
@@ -180,15 +188,21 @@ def _decode_image(raw: RawSample, placement: Placement, size: int) -> torch.Tens
     try:
         # JPEG can decode at 1/2, 1/4 or 1/8 scale; draft picks the smallest not below the scaled size.
         image.draft("RGB", (int(placement.width * placement.scale + 1), int(placement.height * placement.scale + 1)))
-        fx, fy = image.size[0] / placement.width, image.size[1] / placement.height
-        box = (max(0.0, x0 * fx), max(0.0, y0 * fy), min(image.size[0], x1 * fx), min(image.size[1], y1 * fy))
-        image = image.convert("RGB").resize((cw, ch), Image.BILINEAR, box=box)
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        with warnings.catch_warnings():  # a read-only view: it is only read, never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            pixels = torch.from_numpy(np.asarray(image))  # h x w x 3
     except (OSError, SyntaxError, ValueError) as exc:
         raise raw.fail(f"corrupt JPEG ({exc})") from None
+    fx, fy = pixels.shape[1] / placement.width, pixels.shape[0] / placement.height
+    crop = pixels[int(y0 * fy) : max(int(y0 * fy) + 1, round(y1 * fy)), int(x0 * fx) : max(int(x0 * fx) + 1, round(x1 * fx))]
     if placement.flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        crop = crop.flip(1)
+    # Channels-last uint8 bilinear with antialiasing: as PIL's resize, ~3x faster on one core.
+    crop = crop.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    resized = F.interpolate(crop, size=(ch, cw), mode="bilinear", antialias=True, align_corners=False)
     canvas = torch.zeros(3, size, size, dtype=torch.uint8)
-    canvas[:, :ch, :cw] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    canvas[:, :ch, :cw] = resized[0]
     return canvas
 
 

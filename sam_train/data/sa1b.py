@@ -64,17 +64,21 @@ def make_record(image_id: int, file_name: str, height: int, width: int, annotati
     }
 
 
-def parse_record(data: bytes) -> dict:
-    """Parse and shallow-validate SA-1B JSON bytes; raises ValueError with the reason."""
+def parse_record(data: bytes, check_annotations: bool = True) -> dict:
+    """Parse and validate SA-1B JSON bytes; raises ValueError with the reason.
+
+    The training pipeline passes `check_annotations=False` and checks only the annotations it
+    uses, as it uses them; `data check` and the converters check all of them.
+    """
     try:
         record = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"malformed JSON ({exc})") from exc
-    validate_record(record)
+    validate_record(record, check_annotations)
     return record
 
 
-def validate_record(record: Any) -> None:
+def validate_record(record: Any, check_annotations: bool = True) -> None:
     """Check structure and types of an SA-1B record (cheap: no mask is decoded)."""
     if not isinstance(record, dict) or not isinstance(record.get("image"), dict):
         raise ValueError("JSON has no 'image' object")
@@ -85,7 +89,7 @@ def validate_record(record: Any) -> None:
     annotations = record.get("annotations")
     if not isinstance(annotations, list):
         raise ValueError("JSON has no 'annotations' list")
-    for i, ann in enumerate(annotations):
+    for i, ann in enumerate(annotations if check_annotations else ()):
         if not isinstance(ann, dict):
             raise ValueError(f"annotation {i} is not an object")
         missing = [f for f in _ANNOTATION_FIELDS if f not in ann]

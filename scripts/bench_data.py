@@ -1,0 +1,130 @@
+"""Per-sample CPU cost of our sample pipeline on an SA-1B-sized sample, against a floor and a naive loader.
+
+One core, one process, the same sample for all three:
+  floor  a bare full-size PIL decode of the JPEG (no masks at all)
+  naive  full-size JPEG decode + every RLE decoded at full size with pycocotools, then resized
+  ours   sam_train.data.pipeline.decode_sample: DCT-scaled JPEG decode, filter/sample masks from
+         JSON fields, decode only K RLEs straight onto the loss grid
+
+The sample is `../shared/images/cars.jpg` (2250 x 1500) when present, else a synthetic image of
+that size, with 100 masks of wobbly outline. Output: image 1024 x 1024 canvas; masks at the loss
+resolution, 256 x 256 (image_size / mask_stride 4, the decoder's low-res logits).
+
+    python scripts/bench_data.py --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from sam_train.data.pipeline import SampleConfig, decode_sample
+from sam_train.data.sa1b import make_annotation, make_record
+from sam_train.data.shards import RawSample
+
+PHOTO = Path(__file__).resolve().parents[2] / "shared" / "images" / "cars.jpg"
+
+
+def wobbly_masks(rng: np.random.Generator, height: int, width: int, count: int) -> list[np.ndarray]:
+    """Star-shaped blobs with irregular outlines, sized like SA-1B masks (from small parts to large objects)."""
+    masks = []
+    for _ in range(count):
+        radius = float(np.exp(rng.uniform(np.log(15), np.log(450))))
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        y0, y1 = int(max(cy - 2 * radius, 0)), int(min(cy + 2 * radius, height))
+        x0, x1 = int(max(cx - 2 * radius, 0)), int(min(cx + 2 * radius, width))
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        angle = np.arctan2(yy - cy, xx - cx)
+        outline = radius * (1 + sum(rng.uniform(0, 0.15) * np.sin(k * angle + rng.uniform(0, 6)) for k in (2, 3, 5, 8, 13)))
+        mask = np.zeros((height, width), dtype=bool)
+        mask[y0:y1, x0:x1] = np.hypot(yy - cy, xx - cx) <= outline
+        if mask.any():
+            masks.append(mask)
+    return masks
+
+
+def build_sample(seed: int) -> tuple[RawSample, str]:
+    if PHOTO.is_file():
+        data, source = PHOTO.read_bytes(), str(PHOTO)
+        height, width = Image.open(io.BytesIO(data)).size[::-1]
+    else:
+        height, width = 1500, 2250
+        image = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+        data, source = buffer.getvalue(), "synthetic 2250x1500 (shared photo absent)"
+    masks = wobbly_masks(np.random.default_rng(seed), height, width, 100)
+    record = make_record(0, "sa_0.jpg", height, width, [make_annotation(m, i) for i, m in enumerate(masks)])
+    return RawSample("bench.tar", "sa_0", {"jpg": data, "json": json.dumps(record).encode()}), source
+
+
+def floor(raw: RawSample) -> None:
+    Image.open(io.BytesIO(raw.members["jpg"])).load()
+
+
+def naive(raw: RawSample, cfg: SampleConfig) -> None:
+    """What an extract-and-decode-everything loader does."""
+    image = Image.open(io.BytesIO(raw.members["jpg"])).convert("RGB")
+    record = json.loads(raw.members["json"])
+    h, w = record["image"]["height"], record["image"]["width"]
+    scale = cfg.image_size / max(h, w)
+    image.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+    size = (round(w * scale / cfg.mask_stride), round(h * scale / cfg.mask_stride))
+    for ann in record["annotations"]:
+        rle = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
+        Image.fromarray(mask_utils.decode(rle)).resize(size, Image.NEAREST)
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin so drifting machine load hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core, as the target says
+
+    raw, source = build_sample(args.seed)
+    cfg = SampleConfig(image_size=1024, mask_stride=4, max_masks=64)
+    rng = np.random.default_rng(args.seed)
+    sample = decode_sample(raw, cfg, rng)
+    print(f"sample: {source}, 100 masks; K={cfg.max_masks}; image out {cfg.image_size}px canvas, "
+          f"masks out {cfg.mask_size}x{cfg.mask_size} (loss resolution); ours kept {len(sample.masks)} masks")
+
+    # Floor and ours alternate, so drifting machine load hits both alike; naive runs on its own
+    # (interleaving its 100 full-size masks would evict the others' caches and flatter it).
+    medians = interleaved_medians({"floor": lambda: floor(raw), "ours": lambda: decode_sample(raw, cfg, rng)}, args.repeats)
+    t_floor, t_ours = medians["floor"], medians["ours"]
+    t_naive = interleaved_medians({"naive": lambda: naive(raw, cfg)}, max(3, args.repeats // 4))["naive"]
+    print(f"{'':28}{'ms/sample':>10}")
+    print(f"{'floor (bare JPEG decode)':28}{1000 * t_floor:10.1f}")
+    print(f"{'naive (decode all, resize)':28}{1000 * t_naive:10.1f}")
+    print(f"{'ours':28}{1000 * t_ours:10.1f}")
+    print(f"ours / floor = {t_ours / t_floor:.2f}x (target <= 1.3x); naive / ours = {t_naive / t_ours:.1f}x (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()
