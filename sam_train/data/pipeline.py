@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,11 +104,6 @@ class Placement:
             cols = np.where(valid, self.width - 1 - cols, -1)[::-1]
         return rle.SampleGrid(self.height, rows, cols), self.flip
 
-    def visible(self, bbox: list[float]) -> bool:
-        """Whether an [x, y, w, h] source box reaches the canvas window at all."""
-        x0, y0, x1, y1 = self.source_box()
-        return bbox[0] < x1 and bbox[0] + bbox[2] > x0 and bbox[1] < y1 and bbox[1] + bbox[3] > y0
-
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """Per-sample randomness from (seed, epoch, key): independent of worker layout, so resumable."""
@@ -129,7 +125,8 @@ def decode_sample(raw: RawSample, cfg: SampleConfig, rng: np.random.Generator) -
     placement = Placement.choose(height, width, cfg, rng)
 
     try:
-        annotations = [a for a in record["annotations"] if _keep(a, height, width, placement, cfg)]
+        keep = _mask_filter(height, width, placement, cfg)
+        annotations = [a for a in record["annotations"] if keep(a)]
         rles = [a["segmentation"] for a in annotations]
     except (KeyError, TypeError, IndexError) as exc:
         raise raw.fail(f"an annotation does not follow the SA-1B schema ({type(exc).__name__}: {exc})") from None
@@ -149,8 +146,10 @@ def decode_sample(raw: RawSample, cfg: SampleConfig, rng: np.random.Generator) -
     grid, reversed_cols = placement.mask_grid(cfg.mask_size, cfg.mask_stride)
     masks = grid.decode_batch(counts, offsets)  # K x m x m
     if reversed_cols:
-        masks = masks[:, :, ::-1]
-    masks = np.ascontiguousarray(masks[masks.any(axis=(1, 2))])  # drop the cropped away or sub-pixel
+        masks = np.ascontiguousarray(masks[:, :, ::-1])
+    present = masks.any(axis=(1, 2))
+    if not present.all():
+        masks = masks[present]  # cropped away by jitter, or smaller than one grid cell
     if not len(masks):
         return None
     return TrainSample(
@@ -163,16 +162,22 @@ def decode_sample(raw: RawSample, cfg: SampleConfig, rng: np.random.Generator) -
     )
 
 
-def _keep(ann: dict, height: int, width: int, placement: Placement, cfg: SampleConfig) -> bool:
-    """Filter on JSON fields only, before anything is decoded."""
-    base_scale = cfg.image_size / max(height, width)
-    return (
-        ann["area"] < cfg.max_area_fraction * height * width
-        and ann["area"] * base_scale**2 >= cfg.min_mask_area
-        and ann["predicted_iou"] >= cfg.min_predicted_iou
-        and ann["stability_score"] >= cfg.min_stability_score
-        and placement.visible(ann["bbox"])
-    )
+def _mask_filter(height: int, width: int, placement: Placement, cfg: SampleConfig) -> Callable[[dict], bool]:
+    """Predicate on an annotation's JSON fields only, so nothing is decoded for a dropped mask."""
+    max_area = cfg.max_area_fraction * height * width
+    min_area = cfg.min_mask_area / (cfg.image_size / max(height, width)) ** 2  # in source pixels
+    x0, y0, x1, y1 = placement.source_box()
+
+    def keep(ann: dict) -> bool:
+        x, y, w, h = ann["bbox"]
+        return (
+            min_area <= ann["area"] < max_area
+            and ann["predicted_iou"] >= cfg.min_predicted_iou
+            and ann["stability_score"] >= cfg.min_stability_score
+            and x < x1 and x + w > x0 and y < y1 and y + h > y0  # reaches the canvas window
+        )
+
+    return keep
 
 
 def _decode_image(raw: RawSample, placement: Placement, size: int) -> torch.Tensor:

@@ -102,12 +102,16 @@ def _decode_strings(strings: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     unfinished = np.flatnonzero((np.diff(char_offsets) > 0) & ~terminal[np.maximum(ends, 0)]) if chars.size else []
     if len(unfinished):
         raise RLEError("RLE counts string ends in the middle of a number", int(unfinished[0]))
-    last = np.flatnonzero(terminal).astype(np.int32)  # final character of each number; never straddles masks
-    first = np.concatenate([np.zeros(1, np.int32), last[:-1] + 1])
+    last = np.flatnonzero(terminal)  # final character of each number; never straddles masks
+    first = np.concatenate([[0], last[:-1] + 1]).astype(np.int64)
     groups = last - first + 1
-    shift = 5 * (np.arange(chars.size, dtype=np.int32) - np.repeat(first, groups))
-    digits = (chars & 0x1F).astype(np.int64) << shift
-    values = np.add.reduceat(digits, first) if chars.size else np.zeros(0, np.int64)
+    # Numbers are a few characters long: add digit k of every number at once, k = 0, 1, ...
+    digits = (chars & 0x1F).astype(np.int64)
+    values = digits[first] if chars.size else np.zeros(0, np.int64)
+    longer = np.flatnonzero(groups > 1)
+    for k in range(1, int(groups.max(initial=1))):
+        longer = longer[groups[longer] > k]
+        values[longer] |= digits[first[longer] + k] << (5 * k)
     values = np.where((chars[last] & 0x10) != 0, values | (np.int64(-1) << (5 * groups)), values)
     numbers_per_string = np.diff(np.concatenate([[0], np.cumsum(terminal)])[char_offsets])
     offsets = np.concatenate([[0], np.cumsum(numbers_per_string)]).astype(np.int64)
@@ -189,9 +193,8 @@ class SampleGrid:
     def decode_batch(self, counts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """K masks at once from `batch_counts` output -> K x `shape` bool, in one vectorised pass."""
         k = offsets.size - 1
-        out = np.zeros((k, *self.shape), dtype=bool)
         if self.empty or k == 0:
-            return out
+            return np.zeros((k, *self.shape), dtype=bool)
         n = self.positions.size
         # Boundaries (run starts after the first) of each mask, in source positions.
         mask_of = np.repeat(np.arange(k), np.diff(offsets))
@@ -218,7 +221,12 @@ class SampleGrid:
         values = np.repeat(parity, lengths).reshape(k, *self.distinct_shape).transpose(0, 2, 1)
         if self.repeats:
             values = values[:, self.row_repeat][:, :, self.col_repeat]
-        out[(slice(None), *self.window)] = values
+        rows, cols = self.window
+        out = np.empty((k, *self.shape), dtype=bool)
+        out[:, rows, cols] = values
+        # Zero only the margins outside the window (padding, cropped-away parts).
+        out[:, : rows.start], out[:, rows.stop :] = False, False
+        out[:, rows, : cols.start], out[:, rows, cols.stop :] = False, False
         return out
 
 
