@@ -89,7 +89,7 @@ class _Payload:
 def test_pickle_with_code_is_never_executed(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pth"
-    path.write_bytes(pickle.dumps({"image_encoder.pos_embed": _Payload(marker)}))
+    path.write_bytes(pickle.dumps({"image_encoder.pos_embed": _Payload(marker)}, protocol=2))
     with pytest.raises(CheckpointError, match="never unpickle"):
         build_sam("tiny", checkpoint=path)
     assert not marker.exists()
