@@ -129,7 +129,6 @@ def interleave(spans: list[Span], width: int, rng: np.random.Generator, skip: in
     """
     pending = list(spans)
     open_spans: list[list] = []  # [span, taken]
-    plan: list[tuple[Span, int]] = []
     while pending and len(open_spans) < width:
         open_spans.append([pending.pop(0), 0])
     for _ in range(skip):
@@ -139,8 +138,7 @@ def interleave(spans: list[Span], width: int, rng: np.random.Generator, skip: in
             open_spans.pop(i)
             if pending:
                 open_spans.append([pending.pop(0), 0])
-    plan = [(span, taken) for span, taken in open_spans] + [(span, 0) for span in pending]
-    return plan
+    return [(span, taken) for span, taken in open_spans] + [(span, 0) for span in pending]
 
 
 class ShardStream(IterableDataset):

@@ -258,15 +258,3 @@ def read_sample(url: str, key: str) -> RawSample:
         if sample.key == key:
             return sample
     raise KeyError(f"{url}: no sample with key {key!r}")
-
-
-def members_to_bytes(members: dict[str, Any]) -> dict[str, bytes]:
-    """Encode dict/str members (JSON records, text) as bytes for writing."""
-    out = {}
-    for ext, value in members.items():
-        if isinstance(value, (dict, list)):
-            value = json.dumps(value, separators=(",", ":")).encode()
-        elif isinstance(value, str):
-            value = value.encode()
-        out[ext] = bytes(value)
-    return out
