@@ -293,3 +293,31 @@ def test_resuming_a_different_conversion_into_the_same_folder_is_refused(tmp_pat
     write_dataset(out, [1, 2, 3], lambda i: (f"k{i}", {"txt": b"x"}), 2, source={"kind": "a"})
     with pytest.raises(ValueError, match="already holds shards of another conversion"):
         write_dataset(out, [1, 2, 3], lambda i: (f"k{i}", {"txt": b"x"}), 3, source={"kind": "a"})
+
+
+def test_coco_to_shards_to_training_samples_equals_pycocotools(tmp_path):
+    # The whole chain: COCO polygons -> our shards -> the training pipeline. With the canvas at
+    # the image's own size and masks at stride 1 nothing is resampled, so equality is exact.
+    from sam_train.data.pipeline import SampleConfig, decode_sample
+
+    images = tmp_path / "images"
+    write_image(images / "p.jpg", seed=1)
+    polygon = [[5.0, 5.0, 40.0, 8.0, 30.0, 40.0, 8.0, 30.0]]
+    coco = {
+        "images": [{"id": 1, "file_name": "p.jpg", "height": H, "width": W}],
+        "annotations": [
+            {"id": 7, "image_id": 1, "segmentation": polygon, "iscrowd": 0, "category_id": 1},
+            {"id": 8, "image_id": 1, "segmentation": uncompressed_rle(box_mask(30, 44, 40, 60)), "iscrowd": 1, "category_id": 1},
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    convert_coco(tmp_path / "coco.json", images, tmp_path / "out", samples_per_shard=4)
+    (raw,) = read_dataset(tmp_path / "out").values()
+    cfg = SampleConfig(image_size=W, mask_stride=1, min_mask_area=0, max_masks=10)
+    sample = decode_sample(raw, cfg, np.random.default_rng(0))
+    oracle = COCO(str(tmp_path / "coco.json"))
+    truth = np.stack([oracle.annToMask(oracle.anns[i]).astype(bool) for i in (7, 8)])
+    canvas = np.zeros((2, W, W), dtype=bool)
+    canvas[:, :H, :W] = truth
+    assert np.array_equal(sample.masks.numpy(), canvas)

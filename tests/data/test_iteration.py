@@ -109,3 +109,18 @@ def test_datamodule_state_resumes_mid_epoch(synth_24):
     second.load_state_dict(state)
     rest = [second.on_before_batch_transfer(b, 0)["keys"] for b in second.train_dataloader()]
     assert rest == full[5:]
+
+
+def test_datamodule_is_built_from_the_hydra_config(synth_24):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from sam_train.config import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="data/synthetic", overrides=[f"data.train=[{synth_24}]", "data.num_workers=0"])
+    dm = instantiate(cfg.data, image_size=64)
+    assert dm.sample_cfg.mask_stride == 4 and dm.sample_cfg.hflip_prob == 0.5
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch["images"].shape == (4, 3, 64, 64) and batch["masks"].shape[1:] == (16, 16)
+    assert dm.state_dict()["batches"] == 1
