@@ -14,6 +14,7 @@ the choices with no data read, then skipping inside at most `interleave` shards 
 from __future__ import annotations
 
 import logging
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -223,15 +224,24 @@ class ShardStream(IterableDataset):
         def open_next() -> None:
             span, taken = pending.pop(0)
             left = len(span) - taken
-            open_spans.append([iter_raw_samples(span.url, skip=span.start + taken, limit=left), left])
+            open_spans.append([iter_raw_samples(span.url, skip=span.start + taken, limit=left), left, span])
 
         while pending and len(open_spans) < self.interleave_width:
             open_next()
         while open_spans:
             i = int(rng.integers(len(open_spans)))
-            sample = next(open_spans[i][0], None)
-            if sample is None:
-                raise ValueError("a shard holds fewer samples than its manifest says; run `sam-train data check` on it")
+            iterator, left, span = open_spans[i]
+            try:
+                sample = next(iterator, None)
+                problem = None if sample is not None else "the shard ends before the count its manifest gives"
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                problem = f"unreadable from here on ({type(exc).__name__}: {exc})"
+            if problem is not None:
+                # Keep the promised count (ranks must take equal steps): the lost samples become
+                # bad samples, replaced and logged like any other. `data check` tells the details.
+                position = span.end - left
+                sample = RawSample(span.url, f"#{position}", error=f"sample {position} of the shard: {problem}")
+                open_spans[i][0] = iter(())
             yield sample
             open_spans[i][1] -= 1
             if open_spans[i][1] == 0:  # closed exactly when the replay closes it

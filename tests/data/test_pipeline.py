@@ -187,3 +187,20 @@ def test_strict_mode_raises_on_the_bad_sample(tmp_path):
     stream = ShardStream(resolve_shards([str(path)]), partial(decode_for_stream, SampleConfig(image_size=64), 0), 2, strict=True)
     with pytest.raises(SampleError, match="broken: corrupt JPEG"):
         list(DataLoader(stream, batch_size=2, collate_fn=collate_stream))
+
+
+def test_a_truncated_shard_costs_its_lost_samples_not_the_run(tmp_path):
+    image = np.full((80, 120, 3), 90, np.uint8)
+    raws = [raw_sample(image, [ellipse(80, 120, 40, 60, 20, 30)], key=f"s{i}") for i in range(6)]
+    path = tmp_path / "cut.tar"
+    write_shard(path, [(r.key, r.members) for r in raws])
+    manifest_count = 6
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # a copy that died half-way
+    from sam_train.data.shards import ShardRef
+
+    stream = ShardStream([ShardRef(str(path), manifest_count)], partial(decode_for_stream, SampleConfig(image_size=64), 0), 2)
+    items = list(stream)
+    assert len(items) == 6, "the rank still yields the count its peers expect"
+    lost = [record for _, records in items for record in records]
+    assert len(lost) >= 2 and all(str(path) == r["shard"] for r in lost)
+    assert all("unreadable from here on" in r["reason"] or "ends before" in r["reason"] for r in lost)
