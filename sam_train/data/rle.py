@@ -10,6 +10,7 @@ the number of runs, never with the source resolution.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 
 
@@ -140,44 +141,30 @@ class SampleGrid:
     """Which source pixel each output pixel reads: the part of decoding shared by all masks of an image.
 
     `rows[i]`/`cols[j]` are non-decreasing source indices (a resize, crop or upsample), with -1
-    (outside the source: background) only before or after the valid ones.
+    (outside the source: background) only before or after the valid ones. Written in torch so
+    the same code rasterises on a DataLoader worker's CPU or on the training GPU.
     """
 
-    def __init__(self, height: int, rows: np.ndarray, cols: np.ndarray) -> None:
+    def __init__(self, height: int, rows: torch.Tensor | np.ndarray, cols: torch.Tensor | np.ndarray) -> None:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        cols = torch.as_tensor(cols, dtype=torch.long, device=rows.device)
+        self.device = rows.device
         self.height = height
-        self.shape = (rows.size, cols.size)
-        row_ok, col_ok = np.flatnonzero(rows >= 0), np.flatnonzero(cols >= 0)
-        self.empty = row_ok.size == 0 or col_ok.size == 0
+        self.shape = (rows.numel(), cols.numel())
+        row_ok, col_ok = torch.nonzero(rows >= 0).flatten(), torch.nonzero(cols >= 0).flatten()
+        self.empty = row_ok.numel() == 0 or col_ok.numel() == 0
         if self.empty:
             return
-        self.window = (slice(row_ok[0], row_ok[-1] + 1), slice(col_ok[0], col_ok[-1] + 1))
+        self.window = (slice(int(row_ok[0]), int(row_ok[-1]) + 1), slice(int(col_ok[0]), int(col_ok[-1]) + 1))
         # Upsampling repeats source rows/columns: decode each distinct one once, then repeat.
-        r, self.row_repeat = np.unique(rows[row_ok], return_inverse=True)
-        c, self.col_repeat = np.unique(cols[col_ok], return_inverse=True)
+        r, self.row_repeat = torch.unique(rows[row_ok], return_inverse=True)
+        c, self.col_repeat = torch.unique(cols[col_ok], return_inverse=True)
         self._cols = c
-        self.repeats = r.size < row_ok.size or c.size < col_ok.size
-        self.distinct_shape = (c.size, r.size)
-        # Column-major source position of every distinct sampled pixel: strictly increasing.
-        self.positions = (c[:, None] * height + r[None, :]).ravel()
+        self.repeats = r.numel() < row_ok.numel() or c.numel() < col_ok.numel()
+        self.distinct_shape = (c.numel(), r.numel())
         # First distinct sampled column >= each source column, first sampled row >= each source row.
-        self._col_at_or_after = np.searchsorted(c, np.arange(int(c[-1]) + 2))
-        self._row_at_or_after = np.searchsorted(r, np.arange(height + 1))
-
-    def first_sample_at_or_after(self, positions: np.ndarray) -> np.ndarray:
-        """Index into `self.positions` of the first sample at or after each source position.
-
-        Equivalent to searchsorted on `self.positions`, in O(1) per query from the grid's structure.
-        """
-        col, row = np.divmod(positions, self.height)
-        col = np.minimum(col, self._col_at_or_after.size - 1)
-        j = self._col_at_or_after[col]
-        i = np.where(self._sampled_col(j, col), self._row_at_or_after[row], 0)
-        past_column = i == self.distinct_shape[1]  # after the last sampled row: next column's first
-        return np.where(past_column, (j + 1) * self.distinct_shape[1], j * self.distinct_shape[1] + i)
-
-    def _sampled_col(self, j: np.ndarray, col: np.ndarray) -> np.ndarray:
-        """Whether distinct column j is exactly source column `col` (else it lies beyond it)."""
-        return (j < self.distinct_shape[0]) & (self._cols[np.minimum(j, self.distinct_shape[0] - 1)] == col)
+        self._col_at_or_after = torch.searchsorted(c, torch.arange(int(c[-1]) + 2, device=self.device))
+        self._row_at_or_after = torch.searchsorted(r, torch.arange(height + 1, device=self.device))
 
     @classmethod
     def resize(cls, height: int, width: int, out_height: int, out_width: int) -> "SampleGrid":
@@ -186,52 +173,58 @@ class SampleGrid:
         cols = sample_grid(width, (np.arange(out_width) + 0.5) * width / out_width)
         return cls(height, rows, cols)
 
-    def decode(self, counts: np.ndarray) -> np.ndarray:
-        """Mask values at the grid's sample pixels, from validated run lengths -> bool array of `shape`."""
-        return self.decode_batch(counts, np.array([0, counts.size]))[0]
+    def first_sample_at_or_after(self, positions: torch.Tensor) -> torch.Tensor:
+        """Column-major index, among the distinct sampled pixels, of the first one at or after each source position.
 
-    def decode_batch(self, counts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """K masks at once from `batch_counts` output -> K x `shape` bool, in one vectorised pass."""
-        k = offsets.size - 1
+        A searchsorted over all sampled positions, in O(1) per query from the grid's structure.
+        """
+        col, row = torch.div(positions, self.height, rounding_mode="floor"), positions % self.height
+        col = col.clamp(max=self._col_at_or_after.numel() - 1)
+        j = self._col_at_or_after[col]
+        exact = (j < self.distinct_shape[0]) & (self._cols[j.clamp(max=self.distinct_shape[0] - 1)] == col)
+        i = torch.where(exact, self._row_at_or_after[row], 0)
+        rows_per_col = self.distinct_shape[1]
+        past_column = i == rows_per_col  # after the last sampled row: the next column's first
+        return torch.where(past_column, (j + 1) * rows_per_col, j * rows_per_col + i)
+
+    def decode(self, counts: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """One mask from validated run lengths -> bool tensor of `shape`."""
+        return self.decode_batch(counts, [0, len(counts)])[0]
+
+    def decode_batch(self, counts: torch.Tensor | np.ndarray, offsets: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """K masks at once from `batch_counts` output -> K x `shape` bool tensor, in one vectorised pass."""
+        counts = torch.as_tensor(counts, dtype=torch.long, device=self.device)
+        offsets = torch.as_tensor(offsets, dtype=torch.long, device=self.device)
+        k = offsets.numel() - 1
+        out = torch.zeros((k, *self.shape), dtype=torch.bool, device=self.device)
         if self.empty or k == 0:
-            return np.zeros((k, *self.shape), dtype=bool)
-        n = self.positions.size
+            return out
+        n = self.distinct_shape[0] * self.distinct_shape[1]
+        runs_per_mask = offsets.diff()
         # Boundaries (run starts after the first) of each mask, in source positions.
-        mask_of = np.repeat(np.arange(k), np.diff(offsets))
-        total = np.cumsum(counts)
-        ends = total - np.concatenate([[0], total])[offsets[:-1]][mask_of]  # run ends within each mask
-        is_last = np.zeros(counts.size, dtype=bool)
-        is_last[offsets[1:][np.diff(offsets) > 0] - 1] = True
+        mask_of = torch.repeat_interleave(torch.arange(k, device=self.device), runs_per_mask)
+        total = counts.cumsum(0)
+        ends = total - torch.cat([total.new_zeros(1), total])[offsets[:-1]][mask_of]  # run ends within each mask
+        is_last = torch.zeros(counts.numel(), dtype=torch.bool, device=self.device)
+        is_last[offsets[1:][runs_per_mask > 0] - 1] = True
         boundaries, owner = ends[~is_last], mask_of[~is_last]
         # Re-express the runs on the output grid: each boundary moves to the first sample at or
         # after it (runs that fall between two samples shrink to length 0), then expand.
         edges = self.first_sample_at_or_after(boundaries)
-        per_mask = np.bincount(owner, minlength=k)
-        fence = np.zeros(edges.size + 2 * k, dtype=np.int64)  # per mask: 0, its edges..., n
-        slots = np.arange(edges.size) + 2 * owner + 1
-        fence[slots] = edges
-        mask_ends = np.cumsum(per_mask + 2) - 1
+        per_mask = torch.bincount(owner, minlength=k)
+        fence = torch.zeros(edges.numel() + 2 * k, dtype=torch.long, device=self.device)  # per mask: 0, edges..., n
+        fence[torch.arange(edges.numel(), device=self.device) + 2 * owner + 1] = edges
+        mask_ends = (per_mask + 2).cumsum(0) - 1
         fence[mask_ends] = n
-        lengths = np.diff(fence)
-        keep = np.ones(lengths.size, dtype=bool)
+        lengths = fence.diff()
+        keep = torch.ones(lengths.numel(), dtype=torch.bool, device=self.device)
         keep[mask_ends[:-1]] = False  # the step from one mask's n to the next mask's 0
         lengths = lengths[keep]
-        run_index = np.arange(lengths.size) - np.repeat(np.cumsum(per_mask + 1) - (per_mask + 1), per_mask + 1)
-        parity = (run_index & 1).astype(bool)  # runs alternate background/foreground
-        values = np.repeat(parity, lengths).reshape(k, *self.distinct_shape).transpose(0, 2, 1)
+        starts = (per_mask + 1).cumsum(0) - (per_mask + 1)
+        run_index = torch.arange(lengths.numel(), device=self.device) - torch.repeat_interleave(starts, per_mask + 1)
+        parity = (run_index & 1).bool()  # runs alternate background/foreground
+        values = torch.repeat_interleave(parity, lengths, output_size=k * n).view(k, *self.distinct_shape).transpose(1, 2)
         if self.repeats:
             values = values[:, self.row_repeat][:, :, self.col_repeat]
-        rows, cols = self.window
-        out = np.empty((k, *self.shape), dtype=bool)
-        out[:, rows, cols] = values
-        # Zero only the margins outside the window (padding, cropped-away parts).
-        out[:, : rows.start], out[:, rows.stop :] = False, False
-        out[:, rows, : cols.start], out[:, rows, cols.stop :] = False, False
+        out[(slice(None), *self.window)] = values
         return out
-
-
-def decode_resized(rle: dict, out_height: int, out_width: int) -> np.ndarray:
-    """Decode `rle` directly at out_height x out_width (nearest-neighbour resampling)."""
-    height, width = int(rle["size"][0]), int(rle["size"][1])
-    counts = validated_counts(rle, height, width)
-    return SampleGrid.resize(height, width, out_height, out_width).decode(counts)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from sam_train.data import rle
 from sam_train.data.check import check_shards, show_sample
@@ -304,7 +305,8 @@ def test_show_draws_masks_over_the_image(dataset, tmp_path):
     plain = np.asarray(Image.open(io.BytesIO(members["jpg"])).convert("RGB"))
     record = json.loads(members["json"])
     assert drawn.shape == plain.shape == (record["image"]["height"], record["image"]["width"], 3)
-    mask = rle.decode_resized(record["annotations"][0]["segmentation"], *plain.shape[:2])
+    seg = record["annotations"][0]["segmentation"]
+    mask = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
     inside = np.abs(drawn[mask].astype(int) - plain[mask].astype(int)).mean()
     assert inside > 20, "mask pixels must be tinted"
     assert [p.name for p in out.parent.iterdir()] == ["show.png"], "written atomically: no temp file left"

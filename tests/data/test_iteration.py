@@ -121,6 +121,6 @@ def test_datamodule_is_built_from_the_hydra_config(synth_24):
         cfg = compose(config_name="data/synthetic", overrides=[f"data.train=[{synth_24}]", "data.num_workers=0"])
     dm = instantiate(cfg.data, image_size=64)
     assert dm.sample_cfg.mask_stride == 4 and dm.sample_cfg.hflip_prob == 0.5
-    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0), 0)
     assert batch["images"].shape == (4, 3, 64, 64) and batch["masks"].shape[1:] == (16, 16)
     assert dm.state_dict()["batches"] == 1

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from sam_train.data.datamodule import SA1BDataModule, collate_stream, decode_for_stream
 from sam_train.data.errors import SampleError
 from sam_train.data.iteration import ShardStream
-from sam_train.data.pipeline import SampleConfig, collate, decode_sample, sample_rng
+from sam_train.data.pipeline import SampleConfig, TrainSample, collate, decode_sample, rasterize_masks, sample_rng
 from sam_train.data.sa1b import make_annotation, make_record
 from sam_train.data.shards import RawSample, iter_raw_samples, resolve_shards, write_shard
 from tests.conftest import load_shared_photo
@@ -32,6 +32,11 @@ def raw_sample(image: np.ndarray, masks: list[np.ndarray], key: str = "k", **ann
     h, w = image.shape[:2]
     record = make_record(0, f"{key}.jpg", h, w, [make_annotation(m, i, **ann_kwargs) for i, m in enumerate(masks)])
     return RawSample("shard.tar", key, {"jpg": jpeg(image), "json": json.dumps(record).encode()})
+
+
+def masks_of(sample: TrainSample) -> torch.Tensor:
+    """The sample's masks as the training step receives them (rasterised after collate)."""
+    return rasterize_masks(collate([sample]))["masks"]
 
 
 def ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
@@ -57,8 +62,8 @@ def test_masks_equal_pycocotools_sampled_on_the_loss_grid(synth_24):
         grid[np.ix_(r_ok, c_ok)] = full[np.ix_(rows[r_ok], cols[c_ok])].astype(bool)
         if grid.any():
             expected.append(grid)
-    assert sample.masks.shape == (len(expected), 32, 32)
-    assert torch.equal(sample.masks, torch.from_numpy(np.stack(expected)))
+    assert masks_of(sample).shape == (len(expected), 32, 32)
+    assert torch.equal(masks_of(sample), torch.from_numpy(np.stack(expected)))
     assert sample.image.shape == (3, 128, 128) and sample.image.dtype == torch.uint8
     assert sample.content_size == (round(h * scale), round(w * scale))
     assert sample.image[:, sample.content_size[0]:, :].sum() == 0, "padding is zero, bottom/right"
@@ -74,7 +79,7 @@ def test_image_and_masks_stay_aligned_under_jitter_and_flip(seed):
     cfg = SampleConfig(image_size=128, mask_stride=2, min_mask_area=0, jitter_scale=(0.3, 2.0), hflip_prob=0.5)
     raw = raw_sample(image, masks)
     sample = decode_sample(raw, cfg, np.random.default_rng(seed))
-    union = sample.masks.any(0).numpy()
+    union = masks_of(sample).any(0).numpy()
     centres = (np.arange(64) * 2 + 1)
     bright = sample.image[0].numpy()[np.ix_(centres, centres)] > 127
     assert union.sum() > 20
@@ -89,7 +94,7 @@ def test_flip_mirrors_content():
     image = np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)
     cfg = SampleConfig(image_size=64, mask_stride=1, min_mask_area=0, hflip_prob=1.0)
     sample = decode_sample(raw_sample(image, [mask]), cfg, np.random.default_rng(0))
-    cols = np.flatnonzero(sample.masks[0].any(0).numpy())
+    cols = np.flatnonzero(masks_of(sample)[0].any(0).numpy())
     assert cols.min() > 40 and cols.max() < 64, "a left-side object lands on the right after the flip"
 
 
@@ -103,7 +108,7 @@ def test_filters_run_on_json_fields_and_k_caps_the_count():
     image = np.full((h, w, 3), 128, np.uint8)
     cfg = SampleConfig(image_size=128, mask_stride=4, max_masks=4, min_mask_area=16)
     sample = decode_sample(raw_sample(image, [huge, tiny, *normal]), cfg, np.random.default_rng(0))
-    assert sample.masks.shape[0] == 4
+    assert masks_of(sample).shape[0] == 4
     low_quality = SampleConfig(image_size=128, mask_stride=4, min_predicted_iou=0.9)
     assert decode_sample(raw_sample(image, normal, predicted_iou=0.5), low_quality, np.random.default_rng(0)) is None
 
@@ -149,17 +154,19 @@ def test_large_jpeg_is_decoded_at_reduced_scale_like_a_full_decode():
     assert np.abs(ours - reference).mean() < 4.0
 
 
-def test_collate_runs_the_encoder_once_per_image_and_the_decoder_over_all_masks():
+def test_batch_runs_the_encoder_once_per_image_and_the_decoder_over_all_masks():
     image = np.full((80, 120, 3), 90, np.uint8)
     samples = [
         decode_sample(raw_sample(image, [ellipse(80, 120, 40, 60, 20, 30)] * n, key=f"s{n}"), SampleConfig(image_size=64), np.random.default_rng(0))
         for n in (1, 3)
     ]
-    batch = collate(samples)
+    batch = rasterize_masks(collate(samples))
     assert batch["images"].shape == (2, 3, 64, 64)
     assert batch["masks"].shape == (4, 16, 16)
     assert batch["image_index"].tolist() == [0, 1, 1, 1]
     assert batch["content_sizes"].tolist() == [[43, 64], [43, 64]]
+    assert torch.equal(batch["masks"][0], batch["masks"][3]), "the same mask rasterises the same in any image"
+    assert not any(k.startswith(("mask_", "grid_")) for k in batch), "the compressed form is consumed"
 
 
 def _shard_with_one_bad_sample(tmp_path):
