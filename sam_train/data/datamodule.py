@@ -15,7 +15,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from sam_train.data.iteration import ShardStream
-from sam_train.data.pipeline import SampleConfig, TrainSample, collate, decode_sample, rasterize_masks, sample_rng
+from sam_train.data.pipeline import SampleConfig, TrainSample, collate, decode_sample, expand_batch, sample_rng
 from sam_train.data.shards import RawSample, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,9 @@ class SA1BDataModule(L.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        # Masks are rasterised where the batch now lives: on a GPU at no cost to the data workers.
-        return rasterize_masks(batch)
+        # Resize images and rasterise masks where the batch now lives: on a GPU, at no cost to
+        # the data workers.
+        return expand_batch(batch, self.sample_cfg.image_size)
 
     def record_bad_samples(self, records: list[dict]) -> None:
         """Count bad samples and append them to bad_samples.jsonl (one JSON object per line)."""

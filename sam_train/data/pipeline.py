@@ -1,10 +1,11 @@
 """Raw SA-1B sample (JPEG + JSON bytes) -> training sample: image canvas and its masks.
 
-The costs that matter at ~100 masks per image are JPEG and RLE decoding, so: the JPEG is
-decoded at reduced scale (DCT scaling) when it is much larger than the canvas, masks are filtered
-and sampled from their JSON fields before any is decoded, and only the kept RLEs are decoded to
-run lengths. Those runs are rasterised straight onto the loss-resolution grid (`rle.SampleGrid`),
-never at full source size, once the batch is on the training device (`rasterize_masks`).
+The costs that matter at ~100 masks per image are JPEG and RLE decoding, so the data worker
+does only what needs a CPU: the JPEG is decoded at reduced scale (DCT scaling) when it is much
+larger than the canvas, masks are filtered and sampled from their JSON fields before any is
+decoded, and only the kept RLEs are decoded, to run lengths. Resizing the image onto its canvas
+and rasterising the runs straight onto the loss-resolution grid (`rle.SampleGrid`, never at
+full source size) happen once the batch is on the training device (`expand_batch`).
 """
 
 from __future__ import annotations
@@ -47,22 +48,23 @@ class SampleConfig:
 
 @dataclass
 class TrainSample:
-    """One image on its canvas and its K masks as run lengths, ready to collate.
+    """One decoded image and its K masks in compact form, ready to collate.
 
-    Masks travel compressed (the RLE runs plus where each mask-grid pixel reads the source) and
-    are rasterised after the batch reaches the training device (`rasterize_masks`): a GPU does
-    that for free, while on the CPU worker it would cost a quarter of the sample's time.
+    The worker does only what needs the CPU (JPEG and RLE-string decoding). Resizing the image
+    onto its canvas and rasterising the masks from their runs happen after the batch reaches
+    the training device (`expand_batch`): a GPU does both for free, while on the data worker they
+    would cost a third of the sample's time.
     """
 
     key: str
     shard: str
-    image: torch.Tensor  # 3 x S x S uint8, content at top-left, zero padding
+    pixels: torch.Tensor  # h x w x 3 uint8: the decoded source region the canvas shows (unflipped)
     mask_runs: torch.Tensor  # run lengths of the K masks, concatenated (COCO RLE order)
     mask_offsets: torch.Tensor  # K + 1: mask k's runs are mask_runs[offsets[k]:offsets[k+1]]
     grid_rows: torch.Tensor  # m: source row each mask-grid row reads (-1: none), m = S / mask_stride
     grid_cols: torch.Tensor  # m: source column each mask-grid column reads, increasing (mirrored if flip)
-    flip: bool  # grid columns come out mirrored: flip the rasterised masks back
-    content_size: tuple[int, int]  # (h, w) of the image content on the canvas
+    flip: bool  # mirror the image; grid columns come out mirrored: flip the rasterised masks back
+    content_size: tuple[int, int]  # (h, w) the pixels are resized to, at the canvas's top-left
     original_size: tuple[int, int]  # (h, w) of the source image
 
 
@@ -146,7 +148,7 @@ def decode_sample(raw: RawSample, cfg: SampleConfig, rng: np.random.Generator) -
     if not annotations:
         return None
 
-    image = _decode_image(raw, placement, cfg.image_size)
+    pixels = _decode_pixels(raw, placement)
     try:
         counts, offsets = rle.batch_counts(rles, height, width)
     except rle.RLEError as exc:
@@ -157,7 +159,7 @@ def decode_sample(raw: RawSample, cfg: SampleConfig, rng: np.random.Generator) -
     return TrainSample(
         key=raw.key,
         shard=raw.shard,
-        image=image,
+        pixels=pixels,
         mask_runs=torch.from_numpy(counts),
         mask_offsets=torch.from_numpy(offsets),
         grid_rows=torch.from_numpy(rows),
@@ -186,43 +188,41 @@ def _mask_filter(height: int, width: int, placement: Placement, cfg: SampleConfi
     return keep
 
 
-def _decode_image(raw: RawSample, placement: Placement, size: int) -> torch.Tensor:
-    """JPEG -> 3 x S x S uint8 canvas; DCT-scaled decode when the JPEG is >= 2x what is needed."""
+def _decode_pixels(raw: RawSample, placement: Placement) -> torch.Tensor:
+    """The JPEG's region shown on the canvas, as h x w x 3 uint8, DCT-scaled when >= 2x what is needed."""
     try:
         image = Image.open(io.BytesIO(raw.members["jpg"]))
     except (OSError, SyntaxError) as exc:
         raise raw.fail(f"corrupt JPEG ({exc})") from None
     if image.size != (placement.width, placement.height):
         raise raw.fail(f"JPEG is {image.size[0]}x{image.size[1]} but its JSON says {placement.width}x{placement.height}")
-    ch, cw = placement.content
-    x0, y0, x1, y1 = placement.source_box()
     try:
         # JPEG can decode at 1/2, 1/4 or 1/8 scale; draft picks the smallest not below the scaled size.
         image.draft("RGB", (int(placement.width * placement.scale + 1), int(placement.height * placement.scale + 1)))
         image = image.convert("RGB") if image.mode != "RGB" else image
-        with warnings.catch_warnings():  # a read-only view: it is only read, never written
+        with warnings.catch_warnings():  # a read-only view: collate copies it, nothing writes it
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             pixels = torch.from_numpy(np.asarray(image))  # h x w x 3
     except (OSError, SyntaxError, ValueError) as exc:
         raise raw.fail(f"corrupt JPEG ({exc})") from None
+    x0, y0, x1, y1 = placement.source_box()
     fx, fy = pixels.shape[1] / placement.width, pixels.shape[0] / placement.height
-    crop = pixels[int(y0 * fy) : max(int(y0 * fy) + 1, round(y1 * fy)), int(x0 * fx) : max(int(x0 * fx) + 1, round(x1 * fx))]
-    if placement.flip:
-        crop = crop.flip(1)
-    # Channels-last uint8 bilinear with antialiasing: as PIL's resize, ~3x faster on one core.
-    crop = crop.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-    resized = F.interpolate(crop, size=(ch, cw), mode="bilinear", antialias=True, align_corners=False)
-    canvas = torch.zeros(3, size, size, dtype=torch.uint8)
-    canvas[:, :ch, :cw] = resized[0]
-    return canvas
+    top, left = int(y0 * fy), int(x0 * fx)
+    return pixels[top : max(top + 1, round(y1 * fy)), left : max(left + 1, round(x1 * fx))]
 
 
 def collate(samples: list[TrainSample]) -> dict:
-    """Batch for one encoder pass over B images; masks still as runs (see `rasterize_masks`)."""
+    """Compact batch of B samples: decoded pixels padded to the largest, mask runs concatenated."""
+    height = max(s.pixels.shape[0] for s in samples)
+    width = max(s.pixels.shape[1] for s in samples)
+    pixels = torch.zeros(len(samples), height, width, 3, dtype=torch.uint8)
+    for i, s in enumerate(samples):
+        pixels[i, : s.pixels.shape[0], : s.pixels.shape[1]] = s.pixels
     counts = torch.tensor([len(s.mask_offsets) - 1 for s in samples])
     run_base = torch.tensor([0] + [int(s.mask_offsets[-1]) for s in samples]).cumsum(0)[:-1]
     return {
-        "images": torch.stack([s.image for s in samples]),  # B x 3 x S x S uint8
+        "pixels": pixels,  # B x h x w x 3 uint8
+        "pixel_sizes": torch.tensor([s.pixels.shape[:2] for s in samples], dtype=torch.long),  # B x 2
         "mask_runs": torch.cat([s.mask_runs for s in samples]),
         "mask_offsets": torch.cat(
             [torch.zeros(1, dtype=torch.long)] + [s.mask_offsets[1:] + base for s, base in zip(samples, run_base)]
@@ -238,29 +238,42 @@ def collate(samples: list[TrainSample]) -> dict:
     }
 
 
-def rasterize_masks(batch: dict) -> dict:
-    """Decode the batch's mask runs on whatever device they are: adds `masks` (M x m x m bool) and
-    `image_index` (M), so the encoder runs once per image and the decoder once over all masks.
+def expand_batch(batch: dict, image_size: int) -> dict:
+    """Turn a compact batch into the training batch, on whatever device it now is.
 
-    Masks left empty on the grid (cropped away by jitter, or thinner than a grid cell) are dropped.
+    Adds `images` (B x 3 x S x S uint8: each image resized onto its canvas, top-left, zero
+    padding, mirrored if flipped), `masks` (M x m x m bool) and `image_index` (M), so the encoder
+    runs once per image and the decoder once over all masks. Masks left empty on the grid
+    (cropped away by jitter, or thinner than a grid cell) are dropped.
     """
+    pixels, pixel_sizes = batch.pop("pixels"), batch.pop("pixel_sizes")
     runs, offsets, owner = batch.pop("mask_runs"), batch.pop("mask_offsets"), batch.pop("mask_image")
     rows, cols, flips, heights = (batch.pop(k) for k in ("grid_rows", "grid_cols", "flips", "source_heights"))
+    device = pixels.device
+    images = torch.zeros(len(pixels), 3, image_size, image_size, dtype=torch.uint8, device=device)
     masks, image_index = [], []
-    for b in range(rows.shape[0]):
+    for b in range(len(pixels)):
+        (h, w), (ch, cw) = pixel_sizes[b].tolist(), batch["content_sizes"][b].tolist()
+        region = pixels[b, :h, :w].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)  # 1 x 3 x h x w
+        # Antialiased bilinear, as PIL's resize at inference; CUDA interpolates floats only.
+        resized = F.interpolate(region if device.type == "cpu" else region.float(), size=(ch, cw),
+                                mode="bilinear", antialias=True, align_corners=False)
+        resized = resized.round().clamp(0, 255).to(torch.uint8)[0] if resized.is_floating_point() else resized[0]
+        images[b, :, :ch, :cw] = resized.flip(-1) if bool(flips[b]) else resized
+
         picked = torch.nonzero(owner == b).flatten()
         if picked.numel() == 0:
             continue
         first, last = int(picked[0]), int(picked[-1]) + 1
-        local = offsets[first : last + 1] - offsets[first]
         grid = rle.SampleGrid(int(heights[b]), rows[b], cols[b])
-        decoded = grid.decode_batch(runs[int(offsets[first]) : int(offsets[last])], local)  # K x m x m
+        decoded = grid.decode_batch(runs[int(offsets[first]) : int(offsets[last])], offsets[first : last + 1] - offsets[first])
         if bool(flips[b]):
             decoded = decoded.flip(-1)
         decoded = decoded[decoded.flatten(1).any(1)]
         masks.append(decoded)
-        image_index.append(torch.full((len(decoded),), b, dtype=torch.long, device=decoded.device))
+        image_index.append(torch.full((len(decoded),), b, dtype=torch.long, device=device))
     m = rows.shape[1]
-    batch["masks"] = torch.cat(masks) if masks else torch.zeros(0, m, m, dtype=torch.bool, device=rows.device)
-    batch["image_index"] = torch.cat(image_index) if image_index else torch.zeros(0, dtype=torch.long, device=rows.device)
+    batch["images"] = images
+    batch["masks"] = torch.cat(masks) if masks else torch.zeros(0, m, m, dtype=torch.bool, device=device)
+    batch["image_index"] = torch.cat(image_index) if image_index else torch.zeros(0, dtype=torch.long, device=device)
     return batch

@@ -298,7 +298,7 @@ def test_resuming_a_different_conversion_into_the_same_folder_is_refused(tmp_pat
 def test_coco_to_shards_to_training_samples_equals_pycocotools(tmp_path):
     # The whole chain: COCO polygons -> our shards -> the training pipeline. With the canvas at
     # the image's own size and masks at stride 1 nothing is resampled, so equality is exact.
-    from sam_train.data.pipeline import SampleConfig, collate, decode_sample, rasterize_masks
+    from sam_train.data.pipeline import SampleConfig, collate, decode_sample, expand_batch
 
     images = tmp_path / "images"
     write_image(images / "p.jpg", seed=1)
@@ -320,4 +320,4 @@ def test_coco_to_shards_to_training_samples_equals_pycocotools(tmp_path):
     truth = np.stack([oracle.annToMask(oracle.anns[i]).astype(bool) for i in (7, 8)])
     canvas = np.zeros((2, W, W), dtype=bool)
     canvas[:, :H, :W] = truth
-    assert np.array_equal(rasterize_masks(collate([sample]))["masks"].numpy(), canvas)
+    assert np.array_equal(expand_batch(collate([sample]), W)["masks"].numpy(), canvas)

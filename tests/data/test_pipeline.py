@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from sam_train.data.datamodule import SA1BDataModule, collate_stream, decode_for_stream
 from sam_train.data.errors import SampleError
 from sam_train.data.iteration import ShardStream
-from sam_train.data.pipeline import SampleConfig, TrainSample, collate, decode_sample, rasterize_masks, sample_rng
+from sam_train.data.pipeline import SampleConfig, TrainSample, collate, decode_sample, expand_batch, sample_rng
 from sam_train.data.sa1b import make_annotation, make_record
 from sam_train.data.shards import RawSample, iter_raw_samples, resolve_shards, write_shard
 from tests.conftest import load_shared_photo
@@ -34,9 +34,9 @@ def raw_sample(image: np.ndarray, masks: list[np.ndarray], key: str = "k", **ann
     return RawSample("shard.tar", key, {"jpg": jpeg(image), "json": json.dumps(record).encode()})
 
 
-def masks_of(sample: TrainSample) -> torch.Tensor:
-    """The sample's masks as the training step receives them (rasterised after collate)."""
-    return rasterize_masks(collate([sample]))["masks"]
+def expanded(sample: TrainSample, image_size: int) -> dict:
+    """The sample as the training step receives it: collated, then expanded on the device."""
+    return expand_batch(collate([sample]), image_size)
 
 
 def ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
@@ -62,11 +62,13 @@ def test_masks_equal_pycocotools_sampled_on_the_loss_grid(synth_24):
         grid[np.ix_(r_ok, c_ok)] = full[np.ix_(rows[r_ok], cols[c_ok])].astype(bool)
         if grid.any():
             expected.append(grid)
-    assert masks_of(sample).shape == (len(expected), 32, 32)
-    assert torch.equal(masks_of(sample), torch.from_numpy(np.stack(expected)))
-    assert sample.image.shape == (3, 128, 128) and sample.image.dtype == torch.uint8
+    batch = expanded(sample, 128)
+    assert batch["masks"].shape == (len(expected), 32, 32)
+    assert torch.equal(batch["masks"], torch.from_numpy(np.stack(expected)))
+    image = batch["images"][0]
+    assert image.shape == (3, 128, 128) and image.dtype == torch.uint8
     assert sample.content_size == (round(h * scale), round(w * scale))
-    assert sample.image[:, sample.content_size[0]:, :].sum() == 0, "padding is zero, bottom/right"
+    assert image[:, sample.content_size[0]:, :].sum() == 0, "padding is zero, bottom/right"
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -79,9 +81,10 @@ def test_image_and_masks_stay_aligned_under_jitter_and_flip(seed):
     cfg = SampleConfig(image_size=128, mask_stride=2, min_mask_area=0, jitter_scale=(0.3, 2.0), hflip_prob=0.5)
     raw = raw_sample(image, masks)
     sample = decode_sample(raw, cfg, np.random.default_rng(seed))
-    union = masks_of(sample).any(0).numpy()
+    batch = expanded(sample, 128)
+    union = batch["masks"].any(0).numpy()
     centres = (np.arange(64) * 2 + 1)
-    bright = sample.image[0].numpy()[np.ix_(centres, centres)] > 127
+    bright = batch["images"][0, 0].numpy()[np.ix_(centres, centres)] > 127
     assert union.sum() > 20
     agreement = (union == bright).mean()
     assert agreement > 0.97, f"mask and image disagree on {1 - agreement:.1%} of the grid"
@@ -94,7 +97,10 @@ def test_flip_mirrors_content():
     image = np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)
     cfg = SampleConfig(image_size=64, mask_stride=1, min_mask_area=0, hflip_prob=1.0)
     sample = decode_sample(raw_sample(image, [mask]), cfg, np.random.default_rng(0))
-    cols = np.flatnonzero(masks_of(sample)[0].any(0).numpy())
+    batch = expanded(sample, 64)
+    cols = np.flatnonzero(batch["masks"][0].any(0).numpy())
+    image_cols = np.flatnonzero((batch["images"][0, 0] > 127).any(0).numpy())
+    assert image_cols.min() > 40, "the image is mirrored with its masks"
     assert cols.min() > 40 and cols.max() < 64, "a left-side object lands on the right after the flip"
 
 
@@ -108,7 +114,7 @@ def test_filters_run_on_json_fields_and_k_caps_the_count():
     image = np.full((h, w, 3), 128, np.uint8)
     cfg = SampleConfig(image_size=128, mask_stride=4, max_masks=4, min_mask_area=16)
     sample = decode_sample(raw_sample(image, [huge, tiny, *normal]), cfg, np.random.default_rng(0))
-    assert masks_of(sample).shape[0] == 4
+    assert expanded(sample, 128)["masks"].shape[0] == 4
     low_quality = SampleConfig(image_size=128, mask_stride=4, min_predicted_iou=0.9)
     assert decode_sample(raw_sample(image, normal, predicted_iou=0.5), low_quality, np.random.default_rng(0)) is None
 
@@ -149,8 +155,9 @@ def test_large_jpeg_is_decoded_at_reduced_scale_like_a_full_decode():
     h, w = photo.shape[:2]
     cfg = SampleConfig(image_size=256, mask_stride=4, min_mask_area=0)
     sample = decode_sample(raw_sample(photo, [ellipse(h, w, 700, 1000, 300, 500)]), cfg, np.random.default_rng(0))
+    assert sample.pixels.shape[0] < h // 2, "the worker decoded at a reduced DCT scale"
     reference = np.asarray(Image.fromarray(photo).resize((256, 171), Image.BILINEAR)).astype(np.float32)
-    ours = sample.image[:, :171, :256].permute(1, 2, 0).numpy().astype(np.float32)
+    ours = expanded(sample, 256)["images"][0, :, :171, :256].permute(1, 2, 0).numpy().astype(np.float32)
     assert np.abs(ours - reference).mean() < 4.0
 
 
@@ -160,13 +167,13 @@ def test_batch_runs_the_encoder_once_per_image_and_the_decoder_over_all_masks():
         decode_sample(raw_sample(image, [ellipse(80, 120, 40, 60, 20, 30)] * n, key=f"s{n}"), SampleConfig(image_size=64), np.random.default_rng(0))
         for n in (1, 3)
     ]
-    batch = rasterize_masks(collate(samples))
+    batch = expand_batch(collate(samples), 64)
     assert batch["images"].shape == (2, 3, 64, 64)
     assert batch["masks"].shape == (4, 16, 16)
     assert batch["image_index"].tolist() == [0, 1, 1, 1]
     assert batch["content_sizes"].tolist() == [[43, 64], [43, 64]]
     assert torch.equal(batch["masks"][0], batch["masks"][3]), "the same mask rasterises the same in any image"
-    assert not any(k.startswith(("mask_", "grid_")) for k in batch), "the compressed form is consumed"
+    assert not any(k.startswith(("mask_", "grid_", "pixel")) for k in batch), "the compact form is consumed"
 
 
 def _shard_with_one_bad_sample(tmp_path):
