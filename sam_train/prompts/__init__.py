@@ -1,0 +1,12 @@
+"""Simulated interactive prompts for training: first points and boxes, corrective clicks, the round schedule."""
+
+from sam_train.prompts.simulate import (
+    PromptConfig,
+    corrective_clicks,
+    first_point,
+    mask_boxes,
+    noisy_boxes,
+    round_schedule,
+)
+
+__all__ = ["PromptConfig", "corrective_clicks", "first_point", "mask_boxes", "noisy_boxes", "round_schedule"]

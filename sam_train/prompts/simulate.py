@@ -1,0 +1,114 @@
+"""Simulated interactive prompts, as in the SAM paper's training recipe (Appendix A).
+
+A training "session" for each mask: a first prompt (a point drawn uniformly inside the mask, or
+its box with noise), then corrective clicks drawn uniformly from the error region of the previous
+prediction (a missed pixel gives a positive click, a spurious one a negative click), with the
+previous low-res logits fed back as the mask prompt, plus rounds that add no click and only feed
+the logits back. All functions work on whole batches of masks at once, on any device.
+
+Coordinates are (x, y) in model-input pixels; masks are on the loss grid, whose cells are
+`stride` input pixels wide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """The schedule of one simulated session (see `configs/prompts/`)."""
+
+    point_prob: float  # first prompt: a point with this probability, else a noisy box
+    box_noise_std: float  # box corner noise, as a fraction of the box side
+    box_noise_max: float  # ... and at most this many input pixels
+    corrective_rounds: int  # rounds that add one corrective click each
+    empty_rounds: int  # rounds that add no click: one at a random place among the corrections, the rest at the end
+    gt_click_prob: float  # sam2: a corrective click drawn from the ground truth instead of the error region
+    multimask_single_point: bool  # predict 3 masks where the prompt is a single point (ambiguous)
+
+    @property
+    def rounds(self) -> int:
+        return 1 + self.corrective_rounds + self.empty_rounds
+
+
+def round_schedule(cfg: PromptConfig, generator: torch.Generator | None = None) -> list[str]:
+    """Kinds of the rounds after the first: "click" or "empty" (logits fed back, no new click)."""
+    kinds = ["click"] * cfg.corrective_rounds
+    if cfg.empty_rounds:
+        position = int(torch.randint(0, cfg.corrective_rounds + 1, (1,), generator=generator))
+        kinds.insert(position, "empty")
+        kinds += ["empty"] * (cfg.empty_rounds - 1)
+    return kinds
+
+
+def sample_pixels(masks: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pixel drawn uniformly from each N x H x W mask -> (N x 2 (x, y) cell indices, N bool: mask non-empty)."""
+    scores = torch.rand(masks.shape, generator=generator, device=masks.device) * masks  # empty cells score 0
+    flat = scores.flatten(1).argmax(1)
+    width = masks.shape[-1]
+    cells = torch.stack([flat % width, torch.div(flat, width, rounding_mode="floor")], dim=1)
+    return cells, masks.flatten(1).any(1)
+
+
+def cell_to_pixel(cells: torch.Tensor, stride: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Grid cells -> input-pixel coordinates, uniformly inside the cell (the cell's pixels are all in the mask)."""
+    offset = torch.rand(cells.shape, generator=generator, device=cells.device) * stride
+    return cells.float() * stride + offset
+
+
+def first_point(masks: torch.Tensor, stride: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A positive point uniformly inside each mask: N x 2 input pixels."""
+    cells, _ = sample_pixels(masks, generator)
+    return cell_to_pixel(cells, stride, generator)
+
+
+def mask_boxes(masks: torch.Tensor, stride: int) -> torch.Tensor:
+    """Tight XYXY box of each N x H x W mask, in input pixels (cell edges)."""
+    rows, cols = masks.any(2), masks.any(1)  # N x H, N x W
+    index_h = torch.arange(masks.shape[1], device=masks.device)
+    index_w = torch.arange(masks.shape[2], device=masks.device)
+    big = masks.shape[1] + masks.shape[2]
+    y0 = torch.where(rows, index_h, big).min(1).values
+    y1 = torch.where(rows, index_h, -1).max(1).values + 1
+    x0 = torch.where(cols, index_w, big).min(1).values
+    x1 = torch.where(cols, index_w, -1).max(1).values + 1
+    return torch.stack([x0, y0, x1, y1], dim=1).float() * stride
+
+
+def noisy_boxes(
+    masks: torch.Tensor, stride: int, cfg: PromptConfig, image_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Each mask's box with Gaussian corner noise of std `box_noise_std` x side, capped at `box_noise_max` px."""
+    boxes = mask_boxes(masks, stride)
+    sides = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # w, h, w, h
+    noise = torch.randn(boxes.shape, generator=generator, device=masks.device) * cfg.box_noise_std * sides
+    noisy = boxes + noise.clamp(-cfg.box_noise_max, cfg.box_noise_max)
+    noisy = noisy.clamp(0, image_size)
+    # Keep corners ordered: a box whose noise crossed its corners becomes degenerate, not inverted.
+    return torch.cat([torch.minimum(noisy[:, :2], noisy[:, 2:]), torch.maximum(noisy[:, :2], noisy[:, 2:])], dim=1)
+
+
+def corrective_clicks(
+    predicted: torch.Tensor,
+    targets: torch.Tensor,
+    stride: int,
+    gt_click_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One click per mask from its error region: (N x 2 input pixels, N labels).
+
+    A missed pixel (false negative) gives a positive click (label 1), a spurious one (false
+    positive) a negative click (label 0). With `gt_click_prob` (sam2) a click is instead drawn
+    from the target as a positive one. A perfect prediction gets a positive click inside the
+    target, which changes nothing the model should undo.
+    """
+    errors = predicted ^ targets
+    use_gt = torch.rand(targets.shape[0], generator=generator, device=targets.device) < gt_click_prob
+    use_gt = use_gt | ~errors.flatten(1).any(1)
+    region = torch.where(use_gt[:, None, None], targets, errors)
+    cells, _ = sample_pixels(region, generator)
+    inside_target = targets[torch.arange(len(targets), device=targets.device), cells[:, 1], cells[:, 0]]
+    return cell_to_pixel(cells, stride, generator), inside_target.long()
