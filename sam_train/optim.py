@@ -1,0 +1,63 @@
+"""SAM's optimiser recipe: AdamW parameter groups with layer-wise lr decay, and the lr schedules.
+
+Paper recipe (configs/optim/): AdamW, lr 8e-4, weight decay 0.1 except norms, biases and
+positional tables, layer-wise lr decay on the image encoder, 250 linear warmup steps, then the lr
+divided by 10 at 2/3 and at 26/27 of training; a cosine schedule is the alternative.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+from sam_train.model import Sam
+
+_BLOCK = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
+
+
+def encoder_layer_id(name: str, num_blocks: int) -> int:
+    """Depth of a parameter for layer-wise decay: embeddings 0, block i -> i + 1, everything after the blocks num_blocks + 1."""
+    if name.startswith(("image_encoder.patch_embed", "image_encoder.pos_embed")):
+        return 0
+    match = _BLOCK.match(name)
+    return int(match.group(1)) + 1 if match else num_blocks + 1
+
+
+def parameter_groups(model: Sam, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups: lr scaled by layer_decay ** (distance from the top of the encoder), no decay on 1-D tensors and positional tables."""
+    num_blocks = len(model.image_encoder.blocks)
+    no_decay_names = {f"image_encoder.{n}" for n in model.image_encoder.no_weight_decay()}
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = encoder_layer_id(name, num_blocks)
+        decay = param.ndim > 1 and name not in no_decay_names and "rel_pos" not in name
+        key = (layer, decay)
+        if key not in groups:
+            scale = layer_decay ** (num_blocks + 1 - layer)
+            groups[key] = {"params": [], "names": [], "lr": lr * scale, "lr_scale": scale,
+                           "weight_decay": weight_decay if decay else 0.0}
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_multiplier(
+    schedule: str, total_steps: int, warmup_steps: int, milestones: tuple[float, ...] = (), gamma: float = 0.1
+) -> Callable[[int], float]:
+    """Step -> lr multiplier: linear warmup, then "step" (x gamma at each milestone fraction) or "cosine" decay."""
+    if schedule not in ("step", "cosine"):
+        raise ValueError(f"lr schedule must be 'step' or 'cosine', got {schedule!r}")
+    boundaries = [int(round(m * total_steps)) for m in milestones]
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "step":
+            return gamma ** sum(step >= b for b in boundaries)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return multiplier
