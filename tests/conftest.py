@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from sam_train.data.synth import synth_dataset
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_IMAGES = Path(os.environ.get("SAM_TRAIN_SHARED_IMAGES", REPO_ROOT.parent / "shared" / "images"))
 
@@ -92,3 +94,21 @@ def tiny_pair():
     ours = build_sam("tiny").eval()
     ours.load_state_dict(official_to_internal(meta.state_dict()), strict=True)
     return ours, meta
+
+
+def make_synth(root: Path, images: int, per_shard: int, seed: int = 0) -> Path:
+    out = root / f"synth_{images}_{per_shard}_{seed}"
+    if not (out / "manifest.json").exists():
+        synth_dataset(out, images=images, seed=seed, samples_per_shard=per_shard, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synth")
+
+
+@pytest.fixture(scope="session")
+def synth_24(synth_root: Path) -> Path:
+    """24 samples in 6 shards of 4."""
+    return make_synth(synth_root, 24, 4)

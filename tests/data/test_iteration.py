@@ -12,7 +12,7 @@ from sam_train.data.datamodule import SA1BDataModule, collate_stream, decode_for
 from sam_train.data.iteration import ShardStream, round_robin_position
 from sam_train.data.pipeline import SampleConfig
 from sam_train.data.shards import resolve_shards
-from tests.data.conftest import make_synth
+from tests.conftest import make_synth
 
 CFG = SampleConfig(image_size=64, mask_stride=4)
 

@@ -1,0 +1,155 @@
+"""The LightningModule: the maths of one SAM training step with simulated interactive prompts.
+
+One step: the image encoder runs once per image; then every mask of the batch goes through a
+simulated interactive session together (the decoder runs once per round over all masks): a
+first point or box, corrective clicks from the previous prediction's errors, the previous
+best low-res logits fed back as the mask prompt. Each round's prediction is supervised.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from sam_train.losses import LossWeights, sam_loss
+from sam_train.model import Sam
+from sam_train.model.prompt_encoder import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PAD_LABEL, POSITIVE_LABEL
+from sam_train.optim import lr_multiplier, parameter_groups
+from sam_train.prompts.simulate import PromptConfig, corrective_clicks, first_point, noisy_boxes, round_schedule
+
+
+def prompt_tokens(
+    is_point: torch.Tensor, first: torch.Tensor, boxes: torch.Tensor, clicks: torch.Tensor, click_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token coordinates (N x T x 2) and labels (N x T) exactly as SAM sees them at inference.
+
+    A point prompt is [first point, clicks..., not-a-point] (Meta pads point-only prompts) and a
+    box prompt [clicks..., top-left, bottom-right] (points before the box, no padding): both
+    have T = clicks + 2 tokens, so one decoder call serves every mask of the batch.
+    """
+    n, device = len(is_point), first.device
+    pad = torch.zeros(n, 1, 2, device=device)
+    point_coords = torch.cat([first[:, None], clicks, pad], dim=1)
+    box_coords = torch.cat([clicks, boxes.view(n, 2, 2)], dim=1)
+    label = lambda value: torch.full((n, 1), value, dtype=torch.long, device=device)  # noqa: E731
+    point_labels = torch.cat([label(POSITIVE_LABEL), click_labels, label(PAD_LABEL)], dim=1)
+    box_labels = torch.cat([click_labels, label(BOX_TOP_LEFT_LABEL), label(BOX_BOTTOM_RIGHT_LABEL)], dim=1)
+    coords = torch.where(is_point[:, None, None], point_coords, box_coords)
+    labels = torch.where(is_point[:, None], point_labels, box_labels)
+    return coords, labels
+
+
+class SamModule(L.LightningModule):
+    """Trains a `Sam` with simulated interactive prompts and SAM's losses."""
+
+    def __init__(
+        self,
+        model: Sam,
+        prompts: PromptConfig,
+        loss: LossWeights,
+        optim: dict,
+        total_steps: int,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.prompts = prompts
+        self.loss_weights = loss
+        self.optim = dict(optim)
+        self.total_steps = total_steps
+
+    def normalize(self, images: torch.Tensor, content_sizes: torch.Tensor) -> torch.Tensor:
+        """uint8 canvases -> normalised input with exact zeros in the padding (as `Sam.preprocess` pads)."""
+        x = (images.float() - self.model.pixel_mean) / self.model.pixel_std
+        size = images.shape[-1]
+        rows = torch.arange(size, device=images.device)
+        inside = (rows[None, :, None] < content_sizes[:, 0, None, None]) & (rows[None, None, :] < content_sizes[:, 1, None, None])
+        return x * inside[:, None]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = self.normalize(batch["images"], batch["content_sizes"])
+        embeddings = self.model.encode_image(images)  # B x C x h x w
+        num_masks = self._global_mask_count(len(batch["masks"]))
+        losses = self.interactive_session(embeddings, batch["masks"], batch["image_index"], num_masks)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(images))
+        self.log("train/loss", losses["total"], prog_bar=True, batch_size=len(images))
+        return losses["total"]
+
+    def interactive_session(
+        self, embeddings: torch.Tensor, targets: torch.Tensor, image_index: torch.Tensor, num_masks: float
+    ) -> dict[str, torch.Tensor]:
+        """Run SAM's simulated interactive rounds over all N masks at once; the loss is averaged over rounds."""
+        if len(targets) == 0:  # every mask was cropped away: still touch every parameter for DDP
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return {"total": zero, "focal": zero, "dice": zero, "iou": zero}
+        cfg, device = self.prompts, targets.device
+        n = len(targets)
+        size = self.model.image_size
+        stride = size // targets.shape[-1]
+        with torch.no_grad():
+            is_point = torch.rand(n, device=device) < cfg.point_prob
+            first = first_point(targets, stride)
+            boxes = noisy_boxes(targets, stride, cfg, size)
+        clicks = torch.zeros(n, 0, 2, device=device)
+        click_labels = torch.zeros(n, 0, dtype=torch.long, device=device)
+        image_pe = self.model.prompt_encoder.get_dense_pe()
+        mask_prompt = None
+        totals: dict[str, torch.Tensor] = {}
+        kinds = ["first"] + round_schedule(cfg)
+        for kind in kinds:
+            if kind == "click":
+                with torch.no_grad():
+                    predicted = self._at(mask_prompt, targets.shape[-2:]) > 0
+                    point, label = corrective_clicks(predicted[:, 0], targets, stride, cfg.gt_click_prob)
+                clicks = torch.cat([clicks, point[:, None]], dim=1)
+                click_labels = torch.cat([click_labels, label[:, None]], dim=1)
+            coords, labels = prompt_tokens(is_point, first, boxes, clicks, click_labels)
+            sparse = self.model.prompt_encoder.embed_points(coords, labels, pad=False)
+            if mask_prompt is None:
+                dense = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *image_pe.shape[-2:])
+            else:
+                dense = self.model.prompt_encoder.embed_masks(mask_prompt)
+            logits, iou = self.model.mask_decoder.predict_all_masks(embeddings, image_pe, sparse, dense, image_index)
+            # Multiple outputs only where the prompt is one point (ambiguous); else the single output.
+            multimask = is_point & (clicks.shape[1] == 0) & cfg.multimask_single_point
+            parts = self._round_loss(logits, iou, targets, multimask, num_masks)
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value / len(kinds)
+            # Feed back the highest-predicted-IoU output's logits, detached: each round is its own prediction.
+            best = torch.where(multimask, iou[:, 1:].argmax(1) + 1, torch.zeros_like(iou[:, 0], dtype=torch.long))
+            mask_prompt = logits[torch.arange(n, device=device), best][:, None].detach()
+            if mask_prompt.shape[-2:] != self.model.prompt_encoder.mask_input_size:
+                mask_prompt = self._at(mask_prompt, self.model.prompt_encoder.mask_input_size)
+        return totals
+
+    def _round_loss(
+        self, logits: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor, multimask: torch.Tensor, num_masks: float
+    ) -> dict[str, torch.Tensor]:
+        parts: dict[str, torch.Tensor] = {}
+        for rows, outputs in ((multimask, slice(1, None)), (~multimask, slice(0, 1))):
+            if rows.any():
+                for key, value in sam_loss(logits[rows, outputs], iou[rows, outputs], targets[rows], self.loss_weights, num_masks).items():
+                    parts[key] = parts.get(key, 0.0) + value
+        return parts
+
+    @staticmethod
+    def _at(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(logits.shape[-2:]) == tuple(size):
+            return logits
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def _global_mask_count(self, local: int) -> float:
+        """Masks in the whole step across ranks: the loss normaliser, so gradients do not depend on the split."""
+        count = torch.tensor(float(local), device=self.device)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            count = trainer.strategy.reduce(count, reduce_op="sum")
+        return max(float(count), 1.0)
+
+    def configure_optimizers(self):
+        o = self.optim
+        groups = parameter_groups(self.model, o["lr"], o["weight_decay"], o["layer_decay"])
+        optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
+        schedule = lr_multiplier(o["schedule"], self.total_steps, o["warmup_steps"], tuple(o["milestones"]), o["gamma"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
