@@ -20,6 +20,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from sam_train.config import load_config
+    from sam_train.train import fit
+
+    run_dir = fit(load_config("fit", args.overrides))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
 def _cmd_checkpoint_export(args: argparse.Namespace) -> int:
     from sam_train.model import build_sam, export_official
 
@@ -125,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
     demo.set_defaults(func=_cmd_demo)
+
+    fit = commands.add_parser(
+        "fit", help="train (Hydra overrides of configs/fit.yaml)",
+        description="e.g. `sam-train fit experiment=quickstart` or `sam-train fit model=vit_b data=sa1b trainer=gpu`.",
+    )
+    fit.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
+    fit.set_defaults(func=_cmd_fit)
 
     models = commands.add_parser("models", help="list the named model configurations")
     models.set_defaults(func=_cmd_models)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 def config_dir() -> Path:
     """The `configs/` folder: $SAM_TRAIN_CONFIG_DIR, else the one beside the package in a checkout."""
     path = Path(os.environ.get("SAM_TRAIN_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
-    if not (path / "demo.yaml").is_file():
+    if not (path / "fit.yaml").is_file():
         raise FileNotFoundError(
             f"no sam-train configs at {path}: run from a checkout (pip install -e .) or set SAM_TRAIN_CONFIG_DIR"
         )

@@ -12,11 +12,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from sam_train.losses import LossWeights, sam_loss
+from sam_train.losses import LossWeights, actual_iou, sam_loss
 from sam_train.model import Sam
 from sam_train.model.prompt_encoder import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PAD_LABEL, POSITIVE_LABEL
 from sam_train.optim import lr_multiplier, parameter_groups
-from sam_train.prompts.simulate import PromptConfig, corrective_clicks, first_point, noisy_boxes, round_schedule
+from sam_train.prompts.simulate import PromptConfig, corrective_clicks, first_point, mask_boxes, noisy_boxes, round_schedule
 
 
 def prompt_tokens(
@@ -74,6 +74,33 @@ class SamModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(images))
         self.log("train/loss", losses["total"], prog_bar=True, batch_size=len(images))
         return losses["total"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Single-prompt mIoU: the tight box, and one interior point (predicted-best and oracle of 3)."""
+        images = self.normalize(batch["images"], batch["content_sizes"])
+        embeddings = self.model.encode_image(images)
+        targets, image_index = batch["masks"], batch["image_index"]
+        if len(targets) == 0:
+            return
+        stride = self.model.image_size // targets.shape[-1]
+        generator = torch.Generator(device=targets.device).manual_seed(batch_idx)
+        point = first_point(targets, stride, generator)[:, None]
+        boxes = mask_boxes(targets, stride)
+        n = len(targets)
+        metrics = {}
+        for name, coords, labels, multimask in (
+            ("point", point, torch.ones(n, 1, dtype=torch.long, device=targets.device), True),
+            ("box", boxes.view(n, 2, 2), torch.tensor([[BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL]], device=targets.device).expand(n, 2), False),
+        ):
+            sparse = self.model.prompt_encoder.embed_points(coords, labels, pad=name == "point")
+            dense = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *embeddings.shape[-2:])
+            logits, iou = self.model.mask_decoder(embeddings, self.model.prompt_encoder.get_dense_pe(), sparse, dense,
+                                                  multimask, image_index)
+            real = actual_iou(self._at(logits, targets.shape[-2:]), targets[:, None].float())  # N x K
+            metrics[f"val/miou_{name}"] = real[torch.arange(n), iou.argmax(1)].mean()
+            if multimask:
+                metrics[f"val/miou_{name}_oracle"] = real.max(1).values.mean()
+        self.log_dict(metrics, batch_size=n, sync_dist=True)
 
     def interactive_session(
         self, embeddings: torch.Tensor, targets: torch.Tensor, image_index: torch.Tensor, num_masks: float

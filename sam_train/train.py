@@ -1,0 +1,83 @@
+"""`sam-train fit`: assemble model, data, module and Lightning Trainer from one Hydra config, and run.
+
+The run folder (`<output_root>/<name>/<run id>`, the run id being $SLURM_JOB_ID when set) holds
+the resolved config, Lightning checkpoints, metrics.csv, bad_samples.jsonl and, at the end, the
+weights in Meta's official layout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sam_train.atomic_io import atomic_write_bytes
+from sam_train.data.synth import synth_dataset
+from sam_train.losses import LossWeights
+from sam_train.model import build_sam, export_official
+from sam_train.module import SamModule
+from sam_train.prompts import PromptConfig
+
+
+def run_directory(cfg: DictConfig) -> Path:
+    """Where this run writes: keyed by $SLURM_JOB_ID so a requeued job finds its own folder."""
+    run_id = cfg.run_id or os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output_root) / cfg.name / str(run_id)
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to resume from: none, the newest of this run (`auto`), or a given path."""
+    if cfg.resume in (None, "", "none"):
+        return None
+    if cfg.resume == "auto":
+        found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        return str(found[-1]) if found else None
+    if not Path(cfg.resume).is_file():
+        raise FileNotFoundError(f"resume checkpoint {cfg.resume} does not exist")
+    return str(cfg.resume)
+
+
+def fit(cfg: DictConfig) -> Path:
+    """Train as `cfg` says; returns the run folder."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = run_directory(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+
+    data_args = OmegaConf.to_container(cfg.data, resolve=True)
+    synthesize = data_args.pop("synthesize", None)
+    if synthesize:  # the built-in dataset: written once, reused by every later run
+        for split in ("train", "val"):
+            for path in data_args[split]:
+                synth_dataset(path, images=synthesize[f"{split}_images"], seed=synthesize["seed"] + (split == "val"),
+                              samples_per_shard=synthesize["samples_per_shard"])
+
+    model = build_sam(cfg.model.name, checkpoint=cfg.model.checkpoint)
+    datamodule = instantiate(data_args, image_size=model.image_size, bad_samples_log=str(run_dir / "bad_samples.jsonl"))
+    module = SamModule(
+        model,
+        PromptConfig(**cfg.prompts),
+        LossWeights(**cfg.loss),
+        OmegaConf.to_container(cfg.optim, resolve=True),
+        cfg.total_steps,
+    )
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        max_steps=cfg.total_steps,
+        logger=CSVLogger(run_dir, name="", version=""),
+        callbacks=[
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every, save_top_k=-1),
+            LearningRateMonitor(logging_interval="step"),
+        ],
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir), weights_only=True)
+    if trainer.is_global_zero:
+        export_official(model, run_dir / f"sam_{cfg.model.name}.pth")
+    return run_dir
