@@ -18,7 +18,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sam_train.atomic_io import atomic_write_bytes
-from sam_train.data.synth import synth_dataset
 from sam_train.losses import LossWeights
 from sam_train.model import build_sam, export_official
 from sam_train.module import SamModule
@@ -50,16 +49,8 @@ def fit(cfg: DictConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
 
-    data_args = OmegaConf.to_container(cfg.data, resolve=True)
-    synthesize = data_args.pop("synthesize", None)
-    if synthesize:  # the built-in dataset: written once, reused by every later run
-        for split in ("train", "val"):
-            for path in data_args[split]:
-                synth_dataset(path, images=synthesize[f"{split}_images"], seed=synthesize["seed"] + (split == "val"),
-                              samples_per_shard=synthesize["samples_per_shard"])
-
     model = build_sam(cfg.model.name, checkpoint=cfg.model.checkpoint)
-    datamodule = instantiate(data_args, image_size=model.image_size, bad_samples_log=str(run_dir / "bad_samples.jsonl"))
+    datamodule = instantiate(cfg.data, image_size=model.image_size, bad_samples_log=str(run_dir / "bad_samples.jsonl"))
     module = SamModule(
         model,
         PromptConfig(**cfg.prompts),

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from sam_train.data.iteration import ShardStream
 from sam_train.data.pipeline import SampleConfig, TrainSample, collate, decode_sample, expand_batch, sample_rng
 from sam_train.data.shards import RawSample, resolve_shards
+from sam_train.data.synth import synth_dataset
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class SA1BDataModule(L.LightningDataModule):
         strict: bool = False,
         bad_samples_log: str | None = None,
         pin_memory: bool = True,
+        synthesize: dict | None = None,
     ) -> None:
         super().__init__()
         self.train_sources, self.val_sources = list(train), list(val)
@@ -75,17 +77,28 @@ class SA1BDataModule(L.LightningDataModule):
         self.interleave, self.resample_to, self.strict = interleave, resample_to, strict
         self.bad_samples_log = Path(bad_samples_log) if bad_samples_log else None
         self.pin_memory = pin_memory
+        self.synthesize = dict(synthesize) if synthesize else None
         self.bad_samples = 0
         self._epoch = 0
         self._consumed = 0  # training batches of `_epoch` handed to the model
         self._resume: dict | None = None
         self._iterations = 0
 
+    def prepare_data(self) -> None:
+        """With `synthesize`, write the built-in synthetic shards where train/val point (once; reruns keep them)."""
+        if not self.synthesize:
+            return
+        cfg = self.synthesize
+        for split, sources, offset in (("train", self.train_sources, 0), ("val", self.val_sources, 1)):
+            for path in sources:
+                synth_dataset(path, images=cfg[f"{split}_images"], seed=cfg["seed"] + offset,
+                              samples_per_shard=cfg["samples_per_shard"])
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _stream(self, sources: list[str], cfg: SampleConfig, resample_to: int | None) -> ShardStream:
+    def _stream(self, sources: list[str], cfg: SampleConfig, resample_to: int | None, num_workers: int) -> ShardStream:
         rank, world = self._rank_world()
         stream = ShardStream(
             resolve_shards(sources),
@@ -98,27 +111,32 @@ class SA1BDataModule(L.LightningDataModule):
             resample_to=resample_to,
             strict=self.strict,
         )
-        stream.check_layout(self.num_workers)
+        stream.check_layout(num_workers)
         return stream
 
-    def _loader(self, stream: ShardStream, next_position: Callable[[], tuple[int, int]]) -> DataLoader:
+    def _loader(self, stream: ShardStream, next_position: Callable[[], tuple[int, int]], num_workers: int) -> DataLoader:
         return _PositionedLoader(
             stream,
             next_position,
             batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=num_workers,
             collate_fn=collate_stream,
             pin_memory=self.pin_memory,
             persistent_workers=False,  # workers are re-forked each epoch with the new position
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._stream(self.train_sources, self.sample_cfg, self.resample_to), self._next_train_position)
+        stream = self._stream(self.train_sources, self.sample_cfg, self.resample_to, self.num_workers)
+        return self._loader(stream, self._next_train_position, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
             return []
-        return self._loader(self._stream(self.val_sources, self.val_cfg, None), lambda: (0, 0))
+        # A validation set is often a few shards: use no more workers than this rank has shards.
+        _, world = self._rank_world()
+        workers = min(self.num_workers, max(1, len(resolve_shards(self.val_sources)) // world))
+        workers = workers if self.num_workers else 0
+        return self._loader(self._stream(self.val_sources, self.val_cfg, None, workers), lambda: (0, 0), workers)
 
     def _next_train_position(self) -> tuple[int, int]:
         """Called as each training epoch starts: its number and the batch to start from."""
