@@ -93,7 +93,7 @@ class SamModule(L.LightningModule):
             ("box", boxes.view(n, 2, 2), torch.tensor([[BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL]], device=targets.device).expand(n, 2), False),
         ):
             sparse = self.model.prompt_encoder.embed_points(coords, labels, pad=name == "point")
-            dense = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *embeddings.shape[-2:])
+            dense = self.model.prompt_encoder.no_mask_dense(n)
             logits, iou = self.model.mask_decoder(embeddings, self.model.prompt_encoder.get_dense_pe(), sparse, dense,
                                                   multimask, image_index)
             real = actual_iou(self._at(logits, targets.shape[-2:]), targets[:, None].float())  # N x K
@@ -132,10 +132,8 @@ class SamModule(L.LightningModule):
                 click_labels = torch.cat([click_labels, label[:, None]], dim=1)
             coords, labels = prompt_tokens(is_point, first, boxes, clicks, click_labels)
             sparse = self.model.prompt_encoder.embed_points(coords, labels, pad=False)
-            if mask_prompt is None:
-                dense = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *image_pe.shape[-2:])
-            else:
-                dense = self.model.prompt_encoder.embed_masks(mask_prompt)
+            encoder = self.model.prompt_encoder
+            dense = encoder.no_mask_dense(n) if mask_prompt is None else encoder.embed_masks(mask_prompt)
             logits, iou = self.model.mask_decoder.predict_all_masks(embeddings, image_pe, sparse, dense, image_index)
             # Multiple outputs only where the prompt is one point (ambiguous); else the single output.
             multimask = is_point & (clicks.shape[1] == 0) & cfg.multimask_single_point

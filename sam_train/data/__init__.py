@@ -1,1 +1,1 @@
-"""Data: synthetic SA-1B-style scenes (and, next, shards, samples and transforms)."""
+"""Data: SA-1B schema and RLE, shards, converters, synthetic data, sample pipeline, distributed iteration."""

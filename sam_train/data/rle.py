@@ -187,10 +187,6 @@ class SampleGrid:
         past_column = i == rows_per_col  # after the last sampled row: the next column's first
         return torch.where(past_column, (j + 1) * rows_per_col, j * rows_per_col + i)
 
-    def decode(self, counts: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """One mask from validated run lengths -> bool tensor of `shape`."""
-        return self.decode_batch(counts, [0, len(counts)])[0]
-
     def decode_batch(self, counts: torch.Tensor | np.ndarray, offsets: torch.Tensor | np.ndarray) -> torch.Tensor:
         """K masks at once from `batch_counts` output -> K x `shape` bool tensor, in one vectorised pass."""
         counts = torch.as_tensor(counts, dtype=torch.long, device=self.device)

@@ -102,6 +102,11 @@ class PromptEncoder(nn.Module):
         corner_labels = torch.tensor([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL], device=boxes.device)
         return self.embed_points(corners, corner_labels.expand(corners.shape[0], 2), pad=False)
 
+    def no_mask_dense(self, batch: int) -> torch.Tensor:
+        """The dense embedding that stands for "no mask prompt": B x C x h x w."""
+        h, w = self.image_embedding_size
+        return self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, h, w)
+
     def embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """B x 1 x 4h x 4w mask logits -> B x C x h x w."""
         return self.mask_downscaling(masks)
@@ -120,9 +125,5 @@ class PromptEncoder(nn.Module):
             sparse.append(self.embed_points(points[0], points[1], pad=boxes is None))
         if boxes is not None:
             sparse.append(self.embed_boxes(boxes))
-        if masks is not None:
-            dense = self.embed_masks(masks)
-        else:
-            h, w = self.image_embedding_size
-            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, h, w)
+        dense = self.embed_masks(masks) if masks is not None else self.no_mask_dense(batch)
         return torch.cat(sparse, dim=1), dense
