@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam_train.atomic_io import atomic_write_bytes
 from sam_train.losses import LossWeights
-from sam_train.model import build_sam, export_official
+from sam_train.model import FinetuneConfig, Sam, build_sam, export_official, merge_lora, prepare_finetune
 from sam_train.module import SamModule
 from sam_train.prompts import PromptConfig
 
@@ -42,6 +42,13 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(cfg.resume)
 
 
+def build_model(cfg: DictConfig) -> Sam:
+    """The network as configs/model/ says: weights, stochastic depth, activation checkpointing, fine-tuning switches."""
+    model = build_sam(cfg.name, checkpoint=cfg.checkpoint, backbone_args={"drop_path_rate": cfg.drop_path})
+    model.image_encoder.set_grad_checkpointing(cfg.grad_checkpointing)
+    return prepare_finetune(model, FinetuneConfig(**cfg.finetune))  # after loading: LoRA starts from the official weights
+
+
 def fit(cfg: DictConfig) -> Path:
     """Train as `cfg` says; returns the run folder."""
     L.seed_everything(cfg.seed, workers=True)
@@ -49,7 +56,7 @@ def fit(cfg: DictConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
 
-    model = build_sam(cfg.model.name, checkpoint=cfg.model.checkpoint)
+    model = build_model(cfg.model)
     datamodule = instantiate(cfg.data, image_size=model.image_size, bad_samples_log=str(run_dir / "bad_samples.jsonl"))
     module = SamModule(
         model,
@@ -57,6 +64,7 @@ def fit(cfg: DictConfig) -> Path:
         LossWeights(**cfg.loss),
         OmegaConf.to_container(cfg.optim, resolve=True),
         cfg.total_steps,
+        eval_clicks=tuple(cfg.evaluation.clicks),
     )
     trainer = L.Trainer(
         default_root_dir=run_dir,
@@ -70,5 +78,5 @@ def fit(cfg: DictConfig) -> Path:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir), weights_only=True)
     if trainer.is_global_zero:
-        export_official(model, run_dir / f"sam_{cfg.model.name}.pth")
+        export_official(merge_lora(model), run_dir / f"sam_{cfg.model.name}.pth")
     return run_dir
