@@ -29,6 +29,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from sam_train.config import load_config
+    from sam_train.validate import format_metrics, validate
+
+    cfg = load_config("fit", args.overrides)
+    report = validate(cfg)
+    print(format_metrics(report["metrics"]))
+    print(f"metrics: {Path(cfg.validate_out) / 'metrics.json'}")
+    return 0
+
+
 def _cmd_checkpoint_export(args: argparse.Namespace) -> int:
     from sam_train.model import build_sam, export_official
 
@@ -141,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
     fit.set_defaults(func=_cmd_fit)
+
+    validate = commands.add_parser(
+        "validate", help="click-based mIoU of a checkpoint on shards (Hydra overrides of configs/fit.yaml)",
+        description="e.g. `sam-train validate model=vit_b model.checkpoint=sam_vit_b_01ec64.pth data.val=[data/shards/mine]`:"
+        " mIoU after 1, 3, 5 clicks and with a box, IoU-head calibration; writes <validate_out>/metrics.json.",
+    )
+    validate.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
+    validate.set_defaults(func=_cmd_validate)
 
     models = commands.add_parser("models", help="list the named model configurations")
     models.set_defaults(func=_cmd_models)

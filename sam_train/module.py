@@ -8,15 +8,20 @@ best low-res logits fed back as the mask prompt. Each round's prediction is supe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
+from torchmetrics.regression import PearsonCorrCoef
 
-from sam_train.losses import LossWeights, actual_iou, sam_loss
+from sam_train.evaluation import batch_metrics, evaluate_clicks
+from sam_train.losses import LossWeights, sam_loss
 from sam_train.model import Sam
 from sam_train.model.prompt_encoder import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PAD_LABEL, POSITIVE_LABEL
 from sam_train.optim import lr_multiplier, parameter_groups
-from sam_train.prompts.simulate import PromptConfig, corrective_clicks, first_point, mask_boxes, noisy_boxes, round_schedule
+from sam_train.prompts.simulate import PromptConfig, corrective_clicks, first_point, noisy_boxes, round_schedule
 
 
 def prompt_tokens(
@@ -50,6 +55,7 @@ class SamModule(L.LightningModule):
         loss: LossWeights,
         optim: dict,
         total_steps: int,
+        eval_clicks: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -57,6 +63,10 @@ class SamModule(L.LightningModule):
         self.loss_weights = loss
         self.optim = dict(optim)
         self.total_steps = total_steps
+        if any(k < 1 for k in eval_clicks):
+            raise ValueError(f"evaluation click counts must be >= 1, got {list(eval_clicks)}")
+        self.eval_clicks = tuple(eval_clicks)  # validation reports mIoU after these many clicks (none: the box only)
+        self.iou_correlation = PearsonCorrCoef()  # over the whole validation set, not averaged per batch
 
     def normalize(self, images: torch.Tensor, content_sizes: torch.Tensor) -> torch.Tensor:
         """uint8 canvases -> normalised input with exact zeros in the padding (as `Sam.preprocess` pads)."""
@@ -67,8 +77,11 @@ class SamModule(L.LightningModule):
         return x * inside[:, None]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images = self.normalize(batch["images"], batch["content_sizes"])
-        embeddings = self.model.encode_image(images)  # B x C x h x w
+        # Named scopes ("encoder", "prompts", "decoder", "loss") are what scripts/bench_train.py
+        # profiles; without a profiler running they cost nothing.
+        with record_function("encoder"):
+            images = self.normalize(batch["images"], batch["content_sizes"])
+            embeddings = self.model.encode_image(images)  # B x C x h x w
         num_masks = self._global_mask_count(len(batch["masks"]))
         losses = self.interactive_session(embeddings, batch["masks"], batch["image_index"], num_masks)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(images))
@@ -76,31 +89,17 @@ class SamModule(L.LightningModule):
         return losses["total"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Single-prompt mIoU: the tight box, and one interior point (predicted-best and oracle of 3)."""
-        images = self.normalize(batch["images"], batch["content_sizes"])
-        embeddings = self.model.encode_image(images)
-        targets, image_index = batch["masks"], batch["image_index"]
+        """mIoU after each `eval_clicks` count (given and oracle mask) and with the box; the IoU head's calibration."""
+        targets = batch["masks"]
         if len(targets) == 0:
             return
-        stride = self.model.image_size // targets.shape[-1]
-        generator = torch.Generator(device=targets.device).manual_seed(batch_idx)
-        point = first_point(targets, stride, generator)[:, None]
-        boxes = mask_boxes(targets, stride)
-        n = len(targets)
-        metrics = {}
-        for name, coords, labels, multimask in (
-            ("point", point, torch.ones(n, 1, dtype=torch.long, device=targets.device), True),
-            ("box", boxes.view(n, 2, 2), torch.tensor([[BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL]], device=targets.device).expand(n, 2), False),
-        ):
-            sparse = self.model.prompt_encoder.embed_points(coords, labels, pad=name == "point")
-            dense = self.model.prompt_encoder.no_mask_dense(n)
-            logits, iou = self.model.mask_decoder(embeddings, self.model.prompt_encoder.get_dense_pe(), sparse, dense,
-                                                  multimask, image_index)
-            real = actual_iou(self._at(logits, targets.shape[-2:]), targets[:, None].float())  # N x K
-            metrics[f"val/miou_{name}"] = real[torch.arange(n), iou.argmax(1)].mean()
-            if multimask:
-                metrics[f"val/miou_{name}_oracle"] = real.max(1).values.mean()
-        self.log_dict(metrics, batch_size=n, sync_dist=True)
+        embeddings = self.model.encode_image(self.normalize(batch["images"], batch["content_sizes"]))
+        result = evaluate_clicks(self.model, embeddings, targets, batch["image_index"], self.eval_clicks)
+        metrics = {f"val/{name}": value for name, value in batch_metrics(result).items()}
+        self.log_dict(metrics, batch_size=len(targets), sync_dist=True)
+        self.log("val/masks", float(len(targets)), reduce_fx="sum", sync_dist=True)
+        self.iou_correlation.update(result.predicted_iou, result.real_iou)
+        self.log("val/iou_corr", self.iou_correlation)
 
     def interactive_session(
         self, embeddings: torch.Tensor, targets: torch.Tensor, image_index: torch.Tensor, num_masks: float
@@ -113,7 +112,7 @@ class SamModule(L.LightningModule):
         n = len(targets)
         size = self.model.image_size
         stride = size // targets.shape[-1]
-        with torch.no_grad():
+        with torch.no_grad(), record_function("prompts"):
             is_point = torch.rand(n, device=device) < cfg.point_prob
             first = first_point(targets, stride)
             boxes = noisy_boxes(targets, stride, cfg, size)
@@ -125,19 +124,21 @@ class SamModule(L.LightningModule):
         kinds = ["first"] + round_schedule(cfg)
         for kind in kinds:
             if kind == "click":
-                with torch.no_grad():
+                with torch.no_grad(), record_function("prompts"):
                     predicted = self._at(mask_prompt, targets.shape[-2:]) > 0
                     point, label = corrective_clicks(predicted[:, 0], targets, stride, cfg.gt_click_prob)
                 clicks = torch.cat([clicks, point[:, None]], dim=1)
                 click_labels = torch.cat([click_labels, label[:, None]], dim=1)
-            coords, labels = prompt_tokens(is_point, first, boxes, clicks, click_labels)
-            sparse = self.model.prompt_encoder.embed_points(coords, labels, pad=False)
-            encoder = self.model.prompt_encoder
-            dense = encoder.no_mask_dense(n) if mask_prompt is None else encoder.embed_masks(mask_prompt)
-            logits, iou = self.model.mask_decoder.predict_all_masks(embeddings, image_pe, sparse, dense, image_index)
+            with record_function("decoder"):
+                coords, labels = prompt_tokens(is_point, first, boxes, clicks, click_labels)
+                sparse = self.model.prompt_encoder.embed_points(coords, labels, pad=False)
+                encoder = self.model.prompt_encoder
+                dense = encoder.no_mask_dense(n) if mask_prompt is None else encoder.embed_masks(mask_prompt)
+                logits, iou = self.model.mask_decoder.predict_all_masks(embeddings, image_pe, sparse, dense, image_index)
             # Multiple outputs only where the prompt is one point (ambiguous); else the single output.
             multimask = is_point & (clicks.shape[1] == 0) & cfg.multimask_single_point
-            parts = self._round_loss(logits, iou, targets, multimask, num_masks)
+            with record_function("loss"):
+                parts = self._round_loss(logits, iou, targets, multimask, num_masks)
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / len(kinds)
             # Feed back the highest-predicted-IoU output's logits, detached: each round is its own prediction.
