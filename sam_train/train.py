@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sam_train.atomic_io import atomic_write_bytes
+from sam_train.callbacks import TrainClock
 from sam_train.losses import LossWeights
 from sam_train.model import FinetuneConfig, Sam, build_sam, export_official, merge_lora, prepare_finetune
 from sam_train.module import SamModule
@@ -73,6 +74,7 @@ def fit(cfg: DictConfig) -> Path:
         callbacks=[
             ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every, save_top_k=-1),
             LearningRateMonitor(logging_interval="step"),
+            TrainClock(),
         ],
         **OmegaConf.to_container(cfg.trainer, resolve=True),
     )
