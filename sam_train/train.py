@@ -23,10 +23,13 @@ from sam_train.losses import LossWeights
 from sam_train.model import FinetuneConfig, Sam, build_sam, export_official, merge_lora, prepare_finetune
 from sam_train.module import SamModule
 from sam_train.prompts import PromptConfig
+from sam_train.report import draw_curves, draw_sessions, final_metrics, read_log, write_report
 
 
 def run_directory(cfg: DictConfig) -> Path:
-    """Where this run writes: keyed by $SLURM_JOB_ID so a requeued job finds its own folder."""
+    """Where this run writes: `run_dir` if set, else keyed by $SLURM_JOB_ID so a requeued job finds its own folder."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
     run_id = cfg.run_id or os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
     return Path(cfg.output_root) / cfg.name / str(run_id)
 
@@ -79,6 +82,21 @@ def fit(cfg: DictConfig) -> Path:
         **OmegaConf.to_container(cfg.trainer, resolve=True),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir), weights_only=True)
+    (logged,) = trainer.validate(module, datamodule=datamodule, verbose=False) if cfg.data.val else ({},)
     if trainer.is_global_zero:
         export_official(merge_lora(model), run_dir / f"sam_{cfg.model.name}.pth")
+        summary = report_run(run_dir, cfg, module, datamodule, logged, trainer.global_step)
+        print(summary)
     return run_dir
+
+
+def report_run(run_dir: Path, cfg: DictConfig, module: SamModule, datamodule, logged: dict, steps: int) -> str:
+    """metrics.json, loss_curve.png and overlay.png from the final held-out validation; returns the summary table."""
+    rows = read_log(run_dir)
+    overlay = None
+    if logged:
+        batch = datamodule.on_before_batch_transfer(next(iter(datamodule.val_dataloader())), 0)
+        batch = datamodule.on_after_batch_transfer(module.transfer_batch_to_device(batch, module.device, 0), 0)
+        overlay = draw_sessions(module, batch, clicks=max(cfg.evaluation.clicks))
+    curves = draw_curves(rows, f"{cfg.name}: {cfg.model.name}")
+    return write_report(run_dir, final_metrics(logged, rows, steps), curves, overlay)

@@ -1,0 +1,115 @@
+"""What a finished training run leaves for people to read: metrics.json, curves, an overlay and a summary table.
+
+Written by `sam-train fit` after its final validation, from files of the run itself (the
+Lightning CSV log and the final model), so a report can be redrawn from a run folder alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training machines
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
+
+from sam_train.atomic_io import atomic_write_bytes
+from sam_train.evaluation import evaluate_clicks
+from sam_train.module import SamModule
+from sam_train.validate import format_metrics
+from sam_train.visualize import draw_session
+
+CURVE_METRICS = ("miou_1click_oracle", "miou_1click", "miou_5click", "miou_box")
+
+
+def read_log(run_dir: Path) -> list[dict[str, float]]:
+    """Rows of the run's metrics.csv, numbers only (Lightning leaves the columns a row did not log empty)."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def final_metrics(logged: dict[str, float], rows: list[dict[str, float]], steps: int) -> dict:
+    """metrics.json: the final held-out evaluation, flat (`miou_1click`, ..., `iou_corr`), plus training time and steps."""
+    seconds = max((r["time/train_seconds"] for r in rows if "time/train_seconds" in r), default=0.0)
+    metrics = {name.removeprefix("val/"): float(v) for name, v in logged.items() if name.startswith("val/")}
+    metrics = {k: int(v) if k == "masks" else None if math.isnan(v) else v for k, v in metrics.items()}
+    return {**metrics, "train_seconds": round(seconds, 1), "steps": steps}
+
+
+def draw_curves(rows: list[dict[str, float]], title: str) -> bytes:
+    """PNG: training loss against step, and held-out mIoU against training minutes."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    if train:
+        left.plot(*zip(*train), lw=1)
+    left.set(xlabel="step", ylabel="training loss", title="loss")
+    left.set_yscale("log")
+    val = [r for r in rows if "val/miou_box" in r]
+    clock = [(r["step"], r["time/train_seconds"]) for r in rows if "time/train_seconds" in r]
+    for name in CURVE_METRICS:
+        points = [(_minutes_at(r["step"], clock), r[f"val/{name}"]) for r in val if f"val/{name}" in r]
+        if points:
+            right.plot(*zip(*points), marker="o", ms=3, label=name)
+    right.set(xlabel="training minutes", ylabel="held-out mIoU", title="held-out evaluation", ylim=(0, 1))
+    right.grid(alpha=0.3)
+    right.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _minutes_at(step: float, clock: list[tuple[float, float]]) -> float:
+    """Training minutes at `step`: the clock reading logged at the nearest step at or before it."""
+    before = [seconds for s, seconds in clock if s <= step]
+    return (before[-1] if before else 0.0) / 60
+
+
+@torch.no_grad()
+def draw_sessions(module: SamModule, batch: dict, clicks: int, count: int = 4) -> bytes:
+    """PNG: `count` click sessions of one validation batch (image, clicks, predicted vs true mask), side by side."""
+    model = module.model
+    embeddings = model.encode_image(module.normalize(batch["images"], batch["content_sizes"]))
+    targets, owner = batch["masks"], batch["image_index"]
+    result = evaluate_clicks(model, embeddings, targets, owner, [clicks])
+    # The largest masks of different images first: an overlay people can read.
+    order = targets.flatten(1).sum(1).argsort(descending=True).tolist()
+    picked, seen = [], set()
+    for i in order:
+        if int(owner[i]) not in seen or len(seen) >= len(batch["images"]):
+            picked.append(i)
+            seen.add(int(owner[i]))
+        if len(picked) == count:
+            break
+    tiles = [
+        draw_session(
+            batch["images"][int(owner[i])].permute(1, 2, 0).cpu().numpy(),
+            targets[i].cpu().numpy(),
+            result.masks[i].cpu().numpy(),
+            result.clicks[i].cpu().numpy(),
+            result.click_labels[i].cpu().numpy(),
+        )
+        for i in picked
+    ]
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_report(run_dir: Path, metrics: dict, curves_png: bytes, overlay_png: bytes | None) -> str:
+    """Write metrics.json, loss_curve.png and overlay.png atomically into the run folder; return the summary table."""
+    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    atomic_write_bytes(run_dir / "loss_curve.png", curves_png)
+    if overlay_png is not None:
+        atomic_write_bytes(run_dir / "overlay.png", overlay_png)
+    table = format_metrics({k: v for k, v in metrics.items() if k not in ("train_seconds", "steps")})
+    return f"{table}\ntrained {metrics['steps']} steps in {metrics['train_seconds'] / 60:.1f} min -> {run_dir}"
