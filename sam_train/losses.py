@@ -9,7 +9,7 @@ same however the batch is split over GPUs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +25,6 @@ class LossWeights:
     focal_alpha: float
     focal_gamma: float
     iou_loss: str  # "mse" or "l1"
-    focal_ramp_steps: int = 0  # focal weight rises linearly from 0 over these first steps (0: full from the start)
-
-    def at_step(self, step: int) -> LossWeights:
-        """The weights in force at optimiser step `step`.
-
-        From random init, a full-weight focal term drives every mask logit negative (masks are a
-        few % of the pixels) and training sits on empty masks for hundreds of steps; dice alone
-        grows masks from the first step, so the focal term is brought in gradually.
-        """
-        if step >= self.focal_ramp_steps:
-            return self
-        return replace(self, focal=self.focal * (step + 1) / (self.focal_ramp_steps + 1))
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:

@@ -152,10 +152,9 @@ class SamModule(L.LightningModule):
         self, logits: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor, multimask: torch.Tensor, num_masks: float
     ) -> dict[str, torch.Tensor]:
         parts: dict[str, torch.Tensor] = {}
-        weights = self.loss_weights.at_step(self.global_step)
         for rows, outputs in ((multimask, slice(1, None)), (~multimask, slice(0, 1))):
             if rows.any():
-                for key, value in sam_loss(logits[rows, outputs], iou[rows, outputs], targets[rows], weights, num_masks).items():
+                for key, value in sam_loss(logits[rows, outputs], iou[rows, outputs], targets[rows], self.loss_weights, num_masks).items():
                     parts[key] = parts.get(key, 0.0) + value
         return parts
 
