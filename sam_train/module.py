@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
+from torch.utils.checkpoint import checkpoint
 from torchmetrics.regression import PearsonCorrCoef
 
 from sam_train.evaluation import batch_metrics, evaluate_clicks
@@ -56,6 +57,7 @@ class SamModule(L.LightningModule):
         optim: dict,
         total_steps: int,
         eval_clicks: Sequence[int] = (),
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -63,6 +65,7 @@ class SamModule(L.LightningModule):
         self.loss_weights = loss
         self.optim = dict(optim)
         self.total_steps = total_steps
+        self.seed = seed  # prompts of step s on rank r come from (seed, s, r) alone: a resumed run repeats them exactly
         if any(k < 1 for k in eval_clicks):
             raise ValueError(f"evaluation click counts must be >= 1, got {list(eval_clicks)}")
         self.eval_clicks = tuple(eval_clicks)  # validation reports mIoU after these many clicks (none: the box only)
@@ -83,7 +86,8 @@ class SamModule(L.LightningModule):
             images = self.normalize(batch["images"], batch["content_sizes"])
             embeddings = self.model.encode_image(images)  # B x C x h x w
         num_masks = self._global_mask_count(len(batch["masks"]))
-        losses = self.interactive_session(embeddings, batch["masks"], batch["image_index"], num_masks)
+        generator = torch.Generator(device=self.device).manual_seed(hash((self.seed, self.global_step, self.global_rank)))
+        losses = self.interactive_session(embeddings, batch["masks"], batch["image_index"], num_masks, generator)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(images))
         self.log("train/loss", losses["total"], prog_bar=True, batch_size=len(images))
         return losses["total"]
@@ -102,7 +106,12 @@ class SamModule(L.LightningModule):
         self.log("val/iou_corr", self.iou_correlation)
 
     def interactive_session(
-        self, embeddings: torch.Tensor, targets: torch.Tensor, image_index: torch.Tensor, num_masks: float
+        self,
+        embeddings: torch.Tensor,
+        targets: torch.Tensor,
+        image_index: torch.Tensor,
+        num_masks: float,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run SAM's simulated interactive rounds over all N masks at once; the loss is averaged over rounds."""
         if len(targets) == 0:  # every mask was cropped away: still touch every parameter for DDP
@@ -113,32 +122,30 @@ class SamModule(L.LightningModule):
         size = self.model.image_size
         stride = size // targets.shape[-1]
         with torch.no_grad(), record_function("prompts"):
-            is_point = torch.rand(n, device=device) < cfg.point_prob
-            first = first_point(targets, stride)
-            boxes = noisy_boxes(targets, stride, cfg, size)
+            is_point = torch.rand(n, device=device, generator=generator) < cfg.point_prob
+            first = first_point(targets, stride, generator)
+            boxes = noisy_boxes(targets, stride, cfg, size, generator)
         clicks = torch.zeros(n, 0, 2, device=device)
         click_labels = torch.zeros(n, 0, dtype=torch.long, device=device)
         image_pe = self.model.prompt_encoder.get_dense_pe()
         mask_prompt = None
         totals: dict[str, torch.Tensor] = {}
-        kinds = ["first"] + round_schedule(cfg)
+        kinds = ["first"] + round_schedule(cfg, generator)
         for kind in kinds:
             if kind == "click":
                 with torch.no_grad(), record_function("prompts"):
                     predicted = self._at(mask_prompt, targets.shape[-2:]) > 0
-                    point, label = corrective_clicks(predicted[:, 0], targets, stride, cfg.gt_click_prob)
+                    point, label = corrective_clicks(predicted[:, 0], targets, stride, cfg.gt_click_prob, generator)
                 clicks = torch.cat([clicks, point[:, None]], dim=1)
                 click_labels = torch.cat([click_labels, label[:, None]], dim=1)
-            with record_function("decoder"):
-                coords, labels = prompt_tokens(is_point, first, boxes, clicks, click_labels)
-                sparse = self.model.prompt_encoder.embed_points(coords, labels, pad=False)
-                encoder = self.model.prompt_encoder
-                dense = encoder.no_mask_dense(n) if mask_prompt is None else encoder.embed_masks(mask_prompt)
-                logits, iou = self.model.mask_decoder.predict_all_masks(embeddings, image_pe, sparse, dense, image_index)
+            coords, labels = prompt_tokens(is_point, first, boxes, clicks, click_labels)
             # Multiple outputs only where the prompt is one point (ambiguous); else the single output.
             multimask = is_point & (clicks.shape[1] == 0) & cfg.multimask_single_point
-            with record_function("loss"):
-                parts = self._round_loss(logits, iou, targets, multimask, num_masks)
+            args = (embeddings, image_pe, image_index, coords, labels, mask_prompt, targets, multimask, num_masks)
+            if cfg.checkpoint_rounds and torch.is_grad_enabled():
+                parts, logits, iou = checkpoint(self._round, *args, use_reentrant=False)
+            else:
+                parts, logits, iou = self._round(*args)
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / len(kinds)
             # Feed back the highest-predicted-IoU output's logits, detached: each round is its own prediction.
@@ -147,6 +154,28 @@ class SamModule(L.LightningModule):
             if mask_prompt.shape[-2:] != self.model.prompt_encoder.mask_input_size:
                 mask_prompt = self._at(mask_prompt, self.model.prompt_encoder.mask_input_size)
         return totals
+
+    def _round(
+        self,
+        embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        image_index: torch.Tensor,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        mask_prompt: torch.Tensor | None,
+        targets: torch.Tensor,
+        multimask: torch.Tensor,
+        num_masks: float,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One round: prompts -> all 4 outputs of every mask -> this round's loss parts (and the logits, scores)."""
+        encoder = self.model.prompt_encoder
+        with record_function("decoder"):
+            sparse = encoder.embed_points(coords, labels, pad=False)
+            dense = encoder.no_mask_dense(len(coords)) if mask_prompt is None else encoder.embed_masks(mask_prompt)
+            logits, iou = self.model.mask_decoder.predict_all_masks(embeddings, image_pe, sparse, dense, image_index)
+        with record_function("loss"):
+            parts = self._round_loss(logits, iou, targets, multimask, num_masks)
+        return parts, logits, iou
 
     def _round_loss(
         self, logits: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor, multimask: torch.Tensor, num_masks: float

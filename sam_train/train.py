@@ -69,6 +69,7 @@ def fit(cfg: DictConfig) -> Path:
         OmegaConf.to_container(cfg.optim, resolve=True),
         cfg.total_steps,
         eval_clicks=tuple(cfg.evaluation.clicks),
+        seed=cfg.seed,
     )
     trainer = L.Trainer(
         default_root_dir=run_dir,

@@ -28,6 +28,7 @@ class PromptConfig:
     empty_rounds: int  # rounds that add no click: one at a random place among the corrections, the rest at the end
     gt_click_prob: float  # sam2: a corrective click drawn from the ground truth instead of the error region
     multimask_single_point: bool  # predict 3 masks where the prompt is a single point (ambiguous)
+    checkpoint_rounds: bool  # recompute each round's decoder in the backward pass instead of storing it
 
     @property
     def rounds(self) -> int:
@@ -38,7 +39,8 @@ def round_schedule(cfg: PromptConfig, generator: torch.Generator | None = None) 
     """Kinds of the rounds after the first: "click" or "empty" (logits fed back, no new click)."""
     kinds = ["click"] * cfg.corrective_rounds
     if cfg.empty_rounds:
-        position = int(torch.randint(0, cfg.corrective_rounds + 1, (1,), generator=generator))
+        device = generator.device if generator is not None else None
+        position = int(torch.randint(0, cfg.corrective_rounds + 1, (1,), generator=generator, device=device))
         kinds.insert(position, "empty")
         kinds += ["empty"] * (cfg.empty_rounds - 1)
     return kinds
