@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+from sam_train.atomic_io import atomic_write_bytes
 
 
 class TrainClock(L.Callback):
@@ -47,3 +51,30 @@ class TrainClock(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.seconds = float(state_dict["seconds"])
+
+
+class ValidationOverlays(L.Callback):
+    """Every `every_n_steps`, draws click sessions of the first validation batch (image, clicks, predicted vs
+    true mask) into `<run>/overlays/step_<N>.png`, and to wandb when it logs: numbers say how much a model
+    improves, pictures say where it fails (boundaries, small parts, ambiguity).
+    """
+
+    def __init__(self, folder: Path, every_n_steps: int, clicks: int) -> None:
+        self.folder, self.every_n_steps, self.clicks = Path(folder), every_n_steps, clicks
+        self._last_step = -1
+
+    def on_validation_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch: dict,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        step = trainer.global_step
+        due = self._last_step < 0 or step - self._last_step >= self.every_n_steps
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or not due or not len(batch["masks"]):
+            return
+        from sam_train.report import draw_sessions  # the report draws with the module: import at use, no cycle
+
+        self._last_step = step
+        png = draw_sessions(module, batch, self.clicks)
+        path = self.folder / f"step_{step:07d}.png"
+        atomic_write_bytes(path, png)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("val/sessions", [str(path)], step=step, caption=[f"{self.clicks} clicks, step {step}"])

@@ -30,9 +30,20 @@ CURVE_METRICS = ("miou_1click_oracle", "miou_1click", "miou_5click", "miou_box")
 
 
 def read_log(run_dir: Path) -> list[dict[str, float]]:
-    """Rows of the run's metrics.csv, numbers only (Lightning leaves the columns a row did not log empty)."""
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    """The run's metric rows over all its sessions (csv/session_*/metrics.csv), numbers only.
+
+    A resumed session restarts from its checkpoint's step, so rows an earlier session logged at
+    or after that step were redone: the later session's rows replace them.
+    """
+    rows: list[dict[str, float]] = []
+    for path in sorted(run_dir.glob("csv/session_*/metrics.csv")):
+        with open(path, newline="") as f:
+            # Lightning leaves the columns a row did not log empty.
+            session = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        if session:
+            start = min(r["step"] for r in session)
+            rows = [r for r in rows if r["step"] < start] + session
+    return rows
 
 
 def final_metrics(logged: dict[str, float], rows: list[dict[str, float]], steps: int) -> dict:

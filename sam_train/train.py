@@ -1,24 +1,25 @@
 """`sam-train fit`: assemble model, data, module and Lightning Trainer from one Hydra config, and run.
 
 The run folder (`<output_root>/<name>/<run id>`, the run id being $SLURM_JOB_ID when set) holds
-the resolved config, Lightning checkpoints, metrics.csv, bad_samples.jsonl and, at the end, the
+the resolved config, Lightning checkpoints, csv/session_*/metrics.csv, bad_samples.jsonl and, at the end, the
 weights in Meta's official layout.
 """
 
 from __future__ import annotations
 
+import netrc
 import os
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sam_train.atomic_io import atomic_write_bytes
-from sam_train.callbacks import TrainClock
+from sam_train.callbacks import TrainClock, ValidationOverlays
 from sam_train.losses import LossWeights
 from sam_train.model import FinetuneConfig, Sam, build_sam, export_official, merge_lora, prepare_finetune
 from sam_train.module import SamModule
@@ -44,6 +45,30 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if not Path(cfg.resume).is_file():
         raise FileNotFoundError(f"resume checkpoint {cfg.resume} does not exist")
     return str(cfg.resume)
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """CSV always; wandb too with `logger=wandb`, offline unless an API key is configured (no network needed)."""
+    # One CSV per session: Lightning's CSVLogger deletes a metrics.csv it finds, so a resumed
+    # session writes beside the earlier ones (report.read_log stitches them).
+    session = len(list(run_dir.glob("csv/session_*")))
+    loggers: list[Logger] = [CSVLogger(run_dir, name="csv", version=f"session_{session:03d}")]
+    if cfg.logger.kind == "wandb":
+        online = bool(os.environ.get("WANDB_API_KEY")) or _wandb_login_saved()
+        loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name,
+                                   id=run_dir.name, save_dir=str(run_dir), offline=not online, resume="allow",
+                                   config=OmegaConf.to_container(cfg, resolve=True)))
+    elif cfg.logger.kind != "csv":
+        raise ValueError(f"logger.kind must be csv or wandb, got {cfg.logger.kind!r}")
+    return loggers
+
+
+def _wandb_login_saved() -> bool:
+    """Whether `wandb login` stored a key in ~/.netrc."""
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
 
 
 def build_model(cfg: DictConfig) -> Sam:
@@ -74,11 +99,12 @@ def fit(cfg: DictConfig) -> Path:
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_steps=cfg.total_steps,
-        logger=CSVLogger(run_dir, name="", version=""),
+        logger=make_loggers(cfg, run_dir),
         callbacks=[
             ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every, save_top_k=-1),
             LearningRateMonitor(logging_interval="step"),
             TrainClock(),
+            ValidationOverlays(run_dir / "overlays", cfg.logger.overlay_every_n_steps, max(cfg.evaluation.clicks)),
         ],
         **OmegaConf.to_container(cfg.trainer, resolve=True),
     )

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import csv
+import json
+import shutil
 
+import pytest
 import torch
+from PIL import Image
 
 from sam_train.config import load_config
 from sam_train.model import build_sam
+from sam_train.report import read_log
 from sam_train.train import fit
 
 
 def overrides(tmp_path, synth_24, steps: int, resume: str | None = None) -> list[str]:
     return [
-        "experiment=quickstart", f"output_root={tmp_path}", "run_id=test", f"total_steps={steps}", "checkpoint_every=2",
+        "experiment=quickstart", f"output_root={tmp_path}", "run_dir=null", "run_id=test", f"total_steps={steps}", "checkpoint_every=2",
         f"data.train=[{synth_24}]", f"data.val=[{synth_24}]", "data.synthesize=null", "data.num_workers=0",
         "data.batch_size=2", "data.sample.max_masks=4", "trainer.limit_val_batches=1", "trainer.val_check_interval=2",
-        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", f"resume={resume}" if resume else "resume=null",
+        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "logger.overlay_every_n_steps=2", f"resume={resume}" if resume else "resume=null",
     ]
 
 
@@ -25,13 +29,48 @@ def test_fit_writes_a_complete_run_folder_and_resumes(tmp_path, synth_24):
     assert run == tmp_path / "quickstart" / "test"
     assert "total_steps: 4" in (run / "config.yaml").read_text()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert any(r.get("val/miou_box") for r in rows) and any(r.get("train/loss") for r in rows)
+    rows = read_log(run)
+    assert any("val/miou_box" in r for r in rows) and any("train/loss" in r for r in rows)
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("miou_1click", "miou_1click_oracle", "miou_3click", "miou_5click_oracle", "miou_box", "iou_mae"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["steps"] == 4 and metrics["train_seconds"] > 0
+    for png in ("loss_curve.png", "overlay.png"):
+        assert Image.open(run / png).size[0] > 0
+    assert sorted(p.name for p in (run / "overlays").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     trained = build_sam("tiny", checkpoint=run / "sam_tiny.pth")  # official layout, strict load
     assert not torch.equal(trained.mask_decoder.iou_token.weight, build_sam("tiny").mask_decoder.iou_token.weight)
 
     fit(load_config("fit", overrides(tmp_path, synth_24, steps=6, resume="auto")))
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names[-1] == "epoch=0-step=6.ckpt", names
+    assert sorted(p.name for p in (run / "csv").iterdir()) == ["session_000", "session_001"]
+    assert sorted({int(r["step"]) for r in read_log(run) if "train/loss" in r}) == list(range(6)), "history kept"
     state = torch.load(run / "checkpoints" / "epoch=0-step=6.ckpt", weights_only=True)
     assert state["global_step"] == 6 and state["SA1BDataModule"]["batches"] == 6
+
+
+def train_losses(run) -> dict[int, float]:
+    return {int(r["step"]): r["train/loss"] for r in read_log(run) if "train/loss" in r}
+
+
+def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_runs_next_losses(tmp_path, synth_24):
+    whole = fit(load_config("fit", overrides(tmp_path / "whole", synth_24, steps=5)))
+    resumed_dir = tmp_path / "resumed" / "quickstart" / "test"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(whole / "checkpoints" / "epoch=0-step=2.ckpt", resumed_dir / "checkpoints")  # as if killed after step 2
+    resumed = fit(load_config("fit", overrides(tmp_path / "resumed", synth_24, steps=5, resume="auto")))
+    assert resumed == resumed_dir
+    expected, got = train_losses(whole), train_losses(resumed)
+    assert sorted(got) == [2, 3, 4] and sorted(expected) == [0, 1, 2, 3, 4]
+    for step in got:  # same data, same prompts, same weights and optimiser state: the same losses
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
+
+
+def test_wandb_logs_offline_without_an_api_key(tmp_path, synth_24, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no saved login
+    run = fit(load_config("fit", overrides(tmp_path, synth_24, steps=2) + ["logger=wandb"]))
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and offline[0].name.endswith("-test"), offline
+    assert list(offline[0].glob("*.wandb")), "the offline run holds the logged history"
