@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 from torchmetrics.regression import PearsonCorrCoef
@@ -70,6 +71,19 @@ class SamModule(L.LightningModule):
             raise ValueError(f"evaluation click counts must be >= 1, got {list(eval_clicks)}")
         self.eval_clicks = tuple(eval_clicks)  # validation reports mIoU after these many clicks (none: the box only)
         self.iou_correlation = PearsonCorrCoef()  # over the whole validation set, not averaged per batch
+
+    @classmethod
+    def from_config(cls, model: Sam, cfg: DictConfig) -> SamModule:
+        """The module a `fit`-composed config describes: prompts, loss, optimiser, length, evaluation, seed."""
+        return cls(
+            model,
+            PromptConfig(**cfg.prompts),
+            LossWeights(**cfg.loss),
+            OmegaConf.to_container(cfg.optim, resolve=True),
+            cfg.total_steps,
+            eval_clicks=tuple(cfg.evaluation.clicks),
+            seed=cfg.seed,
+        )
 
     def normalize(self, images: torch.Tensor, content_sizes: torch.Tensor) -> torch.Tensor:
         """uint8 canvases -> normalised input with exact zeros in the padding (as `Sam.preprocess` pads)."""

@@ -122,5 +122,6 @@ def write_report(run_dir: Path, metrics: dict, curves_png: bytes, overlay_png: b
     atomic_write_bytes(run_dir / "loss_curve.png", curves_png)
     if overlay_png is not None:
         atomic_write_bytes(run_dir / "overlay.png", overlay_png)
-    table = format_metrics({k: v for k, v in metrics.items() if k not in ("train_seconds", "steps")})
+    evaluated = {k: v for k, v in metrics.items() if k not in ("train_seconds", "steps")}
+    table = format_metrics(evaluated) if evaluated else "no held-out evaluation (no validation data or batches)"
     return f"{table}\ntrained {metrics['steps']} steps in {metrics['train_seconds'] / 60:.1f} min -> {run_dir}"

@@ -20,10 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam_train.atomic_io import atomic_write_bytes
 from sam_train.callbacks import TrainClock, ValidationOverlays
-from sam_train.losses import LossWeights
 from sam_train.model import FinetuneConfig, Sam, build_sam, export_official, merge_lora, prepare_finetune
 from sam_train.module import SamModule
-from sam_train.prompts import PromptConfig
 from sam_train.report import draw_curves, draw_sessions, final_metrics, read_log, write_report
 
 
@@ -87,15 +85,7 @@ def fit(cfg: DictConfig) -> Path:
 
     model = build_model(cfg.model)
     datamodule = instantiate(cfg.data, image_size=model.image_size, bad_samples_log=str(run_dir / "bad_samples.jsonl"))
-    module = SamModule(
-        model,
-        PromptConfig(**cfg.prompts),
-        LossWeights(**cfg.loss),
-        OmegaConf.to_container(cfg.optim, resolve=True),
-        cfg.total_steps,
-        eval_clicks=tuple(cfg.evaluation.clicks),
-        seed=cfg.seed,
-    )
+    module = SamModule.from_config(model, cfg)
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_steps=cfg.total_steps,
@@ -109,7 +99,8 @@ def fit(cfg: DictConfig) -> Path:
         **OmegaConf.to_container(cfg.trainer, resolve=True),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir), weights_only=True)
-    (logged,) = trainer.validate(module, datamodule=datamodule, verbose=False) if cfg.data.val else ({},)
+    results = trainer.validate(module, datamodule=datamodule, verbose=False) if cfg.data.val else []
+    logged = results[0] if results else {}  # none when validation is off (trainer.limit_val_batches=0)
     if trainer.is_global_zero:
         export_official(merge_lora(model), run_dir / f"sam_{cfg.model.name}.pth")
         summary = report_run(run_dir, cfg, module, datamodule, logged, trainer.global_step)

@@ -18,10 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sam_train.atomic_io import atomic_write_bytes
-from sam_train.losses import LossWeights
 from sam_train.model import build_sam
 from sam_train.module import SamModule
-from sam_train.prompts import PromptConfig
 
 
 def validate(cfg: DictConfig) -> dict:
@@ -35,14 +33,7 @@ def validate(cfg: DictConfig) -> dict:
     # The shards as given: a missing folder is an error here, never a reason to synthesise one.
     datamodule = instantiate(cfg.data, image_size=model.image_size, synthesize=None,
                              bad_samples_log=str(out / "bad_samples.jsonl"))
-    module = SamModule(
-        model,
-        PromptConfig(**cfg.prompts),
-        LossWeights(**cfg.loss),
-        OmegaConf.to_container(cfg.optim, resolve=True),
-        cfg.total_steps,
-        eval_clicks=tuple(cfg.evaluation.clicks),
-    )
+    module = SamModule.from_config(model, cfg)
     # Every batch: trainer.limit_val_batches only bounds the validation inside `fit`.
     trainer_args = {**OmegaConf.to_container(cfg.trainer, resolve=True), "limit_val_batches": 1.0}
     trainer = L.Trainer(**trainer_args, default_root_dir=out, logger=False, enable_checkpointing=False)
