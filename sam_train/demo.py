@@ -39,7 +39,7 @@ def run_demo(cfg: DictConfig) -> dict:
     """Run the demo of `configs/demo.yaml`, write `<out>/demo.png`, and return the numbers it prints."""
     torch.manual_seed(cfg.seed)
     scene = draw_scene(np.random.default_rng(cfg.seed), height=cfg.scene.height, width=cfg.scene.width)
-    model = build_sam(cfg.model.name, checkpoint=cfg.model.checkpoint)
+    model = build_sam(cfg.model.name, checkpoint=cfg.model.checkpoint, pretrained=cfg.model.pretrained)
     predictor = SamPredictor(model)
 
     start = time.perf_counter()
@@ -68,7 +68,7 @@ def run_demo(cfg: DictConfig) -> dict:
         Image.fromarray(np.concatenate(panels, axis=1)).save(tmp, format="PNG")
     return {
         "model": cfg.model.name,
-        "weights": cfg.model.checkpoint or "random (untrained)",
+        "weights": cfg.model.checkpoint or ("built-in" if cfg.model.pretrained else "random (untrained)"),
         "parameters": sum(p.numel() for p in model.parameters()),
         "encode_ms": encode_ms,
         "decode_ms": decode_ms,

@@ -71,7 +71,8 @@ def _wandb_login_saved() -> bool:
 
 def build_model(cfg: DictConfig) -> Sam:
     """The network as configs/model/ says: weights, stochastic depth, activation checkpointing, fine-tuning switches."""
-    model = build_sam(cfg.name, checkpoint=cfg.checkpoint, backbone_args={"drop_path_rate": cfg.drop_path})
+    model = build_sam(cfg.name, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
+                      backbone_args={"drop_path_rate": cfg.drop_path})
     model.image_encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     return prepare_finetune(model, FinetuneConfig(**cfg.finetune))  # after loading: LoRA starts from the official weights
 

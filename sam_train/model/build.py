@@ -6,6 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -54,14 +55,35 @@ MODEL_SPECS: dict[str, SamSpec] = {
 }
 
 
-def build_sam(name: str, checkpoint: str | os.PathLike | None = None, **overrides: Any) -> Sam:
-    """Build the named model; `checkpoint` loads an official-layout file (.pth or .safetensors).
+# Weights that ship inside the package (sam_train/weights/<name>.safetensors, official layout), each
+# with <name>.json beside it: the command, config, data seed and held-out metrics that produced it.
+BUILTIN_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+
+
+def builtin_weights(name: str) -> Path:
+    """The packaged weights of `name`: so demos and the data engine start from a model that already segments."""
+    path = BUILTIN_WEIGHTS_DIR / f"{name}.safetensors"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in BUILTIN_WEIGHTS_DIR.glob("*.safetensors"))
+        raise KeyError(f"no built-in weights for {name!r}; shipped: {', '.join(shipped) or 'none'}")
+    return path
+
+
+def build_sam(
+    name: str, checkpoint: str | os.PathLike | None = None, pretrained: bool = False, **overrides: Any
+) -> Sam:
+    """Build the named model; `checkpoint` loads an official-layout file (.pth or .safetensors),
+    `pretrained=True` the weights shipped in the package (see `builtin_weights`).
 
     `overrides` replace fields of the spec; `backbone_args` entries are merged into the spec's
     (e.g. `build_sam("vit_b", backbone_args={"drop_path_rate": 0.1})`).
     """
     if name not in MODEL_SPECS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODEL_SPECS)}")
+    if pretrained and checkpoint is not None:
+        raise ValueError("give either checkpoint or pretrained=True, not both")
+    if pretrained:
+        checkpoint = builtin_weights(name)
     spec = MODEL_SPECS[name]
     if "backbone_args" in overrides:
         overrides["backbone_args"] = {**spec.backbone_args, **overrides["backbone_args"]}
