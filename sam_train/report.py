@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +22,7 @@ from PIL import Image
 from sam_train.atomic_io import atomic_write_bytes
 from sam_train.evaluation import evaluate_clicks
 from sam_train.module import SamModule
-from sam_train.validate import format_metrics
+from sam_train.validate import format_metrics, json_metrics
 from sam_train.visualize import draw_session
 
 CURVE_METRICS = ("miou_1click_oracle", "miou_1click", "miou_5click", "miou_box")
@@ -49,8 +48,7 @@ def read_log(run_dir: Path) -> list[dict[str, float]]:
 def final_metrics(logged: dict[str, float], rows: list[dict[str, float]], steps: int) -> dict:
     """metrics.json: the final held-out evaluation, flat (`miou_1click`, ..., `iou_corr`), plus training time and steps."""
     seconds = max((r["time/train_seconds"] for r in rows if "time/train_seconds" in r), default=0.0)
-    metrics = {name.removeprefix("val/"): float(v) for name, v in logged.items() if name.startswith("val/")}
-    metrics = {k: int(v) if k == "masks" else None if math.isnan(v) else v for k, v in metrics.items()}
+    metrics = json_metrics(logged)
     return {**metrics, "train_seconds": round(seconds, 1), "steps": steps}
 
 

@@ -40,17 +40,21 @@ def validate(cfg: DictConfig) -> dict:
     (logged,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     if "val/masks" not in logged:
         raise ValueError(f"no masks to evaluate in data.val={list(cfg.data.val)}")
-    metrics = {name.removeprefix("val/"): float(value) for name, value in logged.items()}
     report = {
         "model": cfg.model.name,
         "checkpoint": str(cfg.model.checkpoint),
         "val": [str(source) for source in cfg.data.val],
-        # An undefined correlation (constant IoUs) is NaN, which JSON cannot hold: null.
-        "metrics": {name: int(v) if name == "masks" else None if math.isnan(v) else v for name, v in metrics.items()},
+        "metrics": json_metrics(logged),
     }
     if trainer.is_global_zero:
         atomic_write_bytes(out / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
+
+
+def json_metrics(logged: Mapping[str, float]) -> dict[str, float | int | None]:
+    """Logged `val/...` metrics as metrics.json holds them: no prefix, a count as an int, NaN (undefined) as null."""
+    metrics = {name.removeprefix("val/"): float(v) for name, v in logged.items() if name.startswith("val/")}
+    return {k: int(v) if k == "masks" else None if math.isnan(v) else v for k, v in metrics.items()}
 
 
 def format_metrics(metrics: Mapping[str, float | None]) -> str:
