@@ -1,0 +1,1 @@
+"""The data engine: auto-label, export for correction, ingest corrections, retrain, repeat."""
