@@ -7,8 +7,14 @@ VENV ?= .venv
 # several GB of CUDA extras, and a torch without its matching torchvision breaks timm/lightning.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# Label Studio (the data engine's correction tool) lives in a virtualenv of its own: it pins
+# numpy, pandas, Django and its SDK, and those pins must never constrain ours. Tests start it as
+# a server on 127.0.0.1 and use its SDK as the oracle for our brush-RLE codec.
+LABEL_STUDIO_VENV ?= .venv-labelstudio
+LABEL_STUDIO_PIN ?= label-studio==1.23.2
+LABEL_STUDIO_STAMP := $(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_PIN)
 
-.PHONY: install test quickstart clean
+.PHONY: install labelstudio test quickstart clean
 
 install: $(STAMP)
 
@@ -17,8 +23,18 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_PINS) -e '.[dev]'
 	touch $(STAMP)
 
-test: install
-	$(VENV)/bin/python -m pytest
+# A stamp per pin: changing LABEL_STUDIO_PIN reinstalls, rerunning does nothing. The venv's own
+# .gitignore keeps it out of `git status` (Python 3.13's venv writes one; older ones do not).
+labelstudio: $(LABEL_STUDIO_STAMP)
+
+$(LABEL_STUDIO_STAMP):
+	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	echo '*' > $(LABEL_STUDIO_VENV)/.gitignore
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install --quiet '$(LABEL_STUDIO_PIN)'
+	touch '$@'
+
+test: install labelstudio
+	SAM_TRAIN_LABEL_STUDIO_VENV=$(LABEL_STUDIO_VENV) $(VENV)/bin/python -m pytest
 
 # Trains the tiny model from scratch on synthetic shards (written on first use), evaluates it on
 # held-out images and prints the summary; runs/quickstart/ holds metrics.json, loss_curve.png,
@@ -28,4 +44,4 @@ quickstart: install
 	$(VENV)/bin/sam-train fit experiment=quickstart
 
 clean:
-	rm -rf $(VENV) outputs runs .pytest_cache
+	rm -rf $(VENV) $(LABEL_STUDIO_VENV) outputs runs .pytest_cache

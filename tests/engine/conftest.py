@@ -1,0 +1,112 @@
+"""Label Studio for the engine's tests: its own virtualenv (`make labelstudio`, which `make test` runs)
+holds the server and label-studio-sdk, the oracle for our brush-RLE codec."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sam_train.engine.labelstudio import LabelStudio
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LABEL_STUDIO_VENV = REPO_ROOT / os.environ.get("SAM_TRAIN_LABEL_STUDIO_VENV", ".venv-labelstudio")
+TEST_USER, TEST_PASSWORD, TEST_TOKEN = "engine-test@example.com", "engine-test-password", "sam-train-test-token"
+START_TIMEOUT_S = 300  # first start migrates a fresh database: 30-40 s on an idle 2-core machine, more when busy
+
+
+def label_studio_executable(name: str) -> Path:
+    """A program of Label Studio's virtualenv; skips (fails under CI, where `make test` installs it) when absent."""
+    path = LABEL_STUDIO_VENV / "bin" / name
+    if not path.is_file():
+        reason = f"Label Studio's virtualenv {LABEL_STUDIO_VENV} is missing: `make test` (or `make labelstudio`) installs it"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+def run_in_label_studio_venv(script: str, payload: object) -> object:
+    """Run a Python script in Label Studio's virtualenv with JSON on stdin, return its JSON stdout."""
+    python = label_studio_executable("python")
+    done = subprocess.run([python, "-c", script], input=json.dumps(payload), capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(f"script in {LABEL_STUDIO_VENV} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
+
+
+@dataclass(frozen=True)
+class LabelStudioServer:
+    url: str
+    token: str
+    files_root: Path  # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: images under it can be served to tasks
+    start_seconds: float
+
+    def client(self) -> LabelStudio:
+        return LabelStudio(self.url, self.token)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """A Label Studio server on 127.0.0.1 for the whole session: a known user and token, no network calls."""
+    executable = label_studio_executable("label-studio")
+    root = tmp_path_factory.mktemp("label_studio")
+    data_dir, files_root, log_path = root / "data", root / "files", root / "server.log"
+    files_root.mkdir()
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LABEL_STUDIO_USERNAME": TEST_USER,
+        "LABEL_STUDIO_PASSWORD": TEST_PASSWORD,
+        "LABEL_STUDIO_USER_TOKEN": TEST_TOKEN,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",  # Token auth is off by default for a new organisation
+        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files_root),
+        "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "", "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
+    }
+    command = [str(executable), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(_free_port()),
+               "--data-dir", str(data_dir)]
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = _wait_until_up(server, log_path, started)
+        yield LabelStudioServer(url, TEST_TOKEN, files_root, time.monotonic() - started)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)  # its own session: only what this fixture started
+            server.wait()
+
+
+def _wait_until_up(server: subprocess.Popen, log_path: Path, started: float) -> str:
+    """The server's URL once /health answers; fails with the log's tail if it exits or times out."""
+    url = None
+    while time.monotonic() - started < START_TIMEOUT_S:
+        if server.poll() is not None:
+            raise RuntimeError(f"label-studio exited with {server.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        # A busy port silently moves to the next one: take the address the server reports.
+        if url is None:
+            found = re.search(r"Starting development server at (http://127\.0\.0\.1:\d+)/", log_path.read_text(errors="replace"))
+            url = found.group(1) if found else None
+        if url is not None and LabelStudio(url, TEST_TOKEN, timeout=5).health():
+            return url
+        time.sleep(0.5)
+    raise RuntimeError(f"label-studio not up after {START_TIMEOUT_S} s:\n{log_path.read_text(errors='replace')[-3000:]}")
