@@ -114,7 +114,8 @@ def mask_rle(segmentation: Any, height: int, width: int) -> dict:
                 outside = ~np.isfinite(xs) | ~np.isfinite(ys) | (xs < 0) | (xs > width) | (ys < 0) | (ys > height)
                 if outside.any():
                     k = int(np.argmax(outside))
-                    raise ValueError(f"polygon {j} vertex ({xs[k]:g}, {ys[k]:g}) lies outside the {width}x{height} image")
+                    vertex = f"({xs[k]:g}, {ys[k]:g})"
+                    raise ValueError(f"polygon {j} vertex {vertex} lies outside the {width}x{height} image")
     return rle.encode(coco_mask(segmentation, height, width))
 
 
@@ -198,7 +199,7 @@ def ingest_sa1b(
             continue
         returned = []
         for i, ann in enumerate(record["annotations"]):
-            shape = _sa1b_shape(path, ann, i, exported, engine_round, annotator, result.skipped)
+            shape = _sa1b_shape(f"{path}: image {key!r}", ann, i, exported, engine_round, annotator, result.skipped)
             if shape is not None:
                 returned.append(shape)
         # No deletions: an SA-1B file adds and corrects masks, it does not list the survivors.
@@ -207,11 +208,11 @@ def ingest_sa1b(
 
 
 def _sa1b_shape(
-    path: Path, ann: Any, index: int, exported: dict, engine_round: int, annotator: str | None, skipped: Skipped
+    image: str, ann: Any, index: int, exported: dict, engine_round: int, annotator: str | None, skipped: Skipped
 ) -> Returned | None:
     """One SA-1B annotation as a returned shape; None (and a report) if it cannot be used."""
     ann_id = ann.get("id") if isinstance(ann, dict) else None
-    item = f"{path}: annotation {ann_id if ann_id is not None else f'#{index}'}"
+    item = f"{image} annotation {ann_id if ann_id is not None else f'#{index}'}"
     try:
         if not isinstance(ann, dict) or not isinstance(ann_id, int) or isinstance(ann_id, bool):
             raise ValueError("has no integer id")
@@ -230,7 +231,7 @@ def _sa1b_shape(
     provenance = Provenance(
         source,
         engine_round,
-        stated.get("annotator") or annotator,
+        stated.get("annotator") or (annotator if source == "human" else None),
         None if stated.get("task_id") is None else str(stated["task_id"]),
         parse_time(stated.get("time")) or now_iso(),
     )

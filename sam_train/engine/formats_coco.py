@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,14 @@ from sam_train.engine.records import Provenance, now_iso
 LABEL = "object"  # the one category: SAM masks are class-agnostic
 EXPORT_DESCRIPTION = "sam_train data engine export"
 _TEXT = {"mutable": False, "input_type": "text", "default_value": "", "values": [""]}
+# is_crowd defaults to true so that CVAT's COCO export keeps new brush masks as RLE, holes and all.
+_CROWD = {"name": "is_crowd", "mutable": False, "input_type": "checkbox", "default_value": "true", "values": ["true"]}
 # The task label CVAT needs to keep our attributes (it drops undeclared ones on import).
 CVAT_LABELS = [
     {
         "name": LABEL,
         "type": "any",
-        "attributes": [{"name": name, **_TEXT} for name in ("sam_id", "score", "round", "stability_score")]
-        + [{"name": "is_crowd", "mutable": False, "input_type": "checkbox", "default_value": "true", "values": ["true"]}],
+        "attributes": [{"name": name, **_TEXT} for name in ("sam_id", "score", "round", "stability_score")] + [_CROWD],
     }
 ]
 
@@ -147,7 +149,9 @@ def ingest_coco(
     return result
 
 
-def _match_problem(entry: dict, matched: dict[int, tuple[str, dict]], keys: set[str], records: dict[str, dict]) -> str | None:
+def _match_problem(
+    entry: dict, matched: dict[int, tuple[str, dict]], keys: set[str], records: dict[str, dict]
+) -> str | None:
     """Why a well-formed COCO image entry does not name one exported image once, at its size; else None."""
     key = image_key(entry["file_name"])
     if entry["id"] in matched:
@@ -210,9 +214,10 @@ def _returned(ann: dict, item: str, record: dict, image: Provenance, names: dict
     mask = mask_rle(ann.get("segmentation"), record["image"]["height"], record["image"]["width"])
     # "auto" marks a model's shape; on a shape that claims one of our masks it is our own
     # export's mark, and a change to that mask was made during correction.
-    source = "model" if attributes.get("source") == "auto" and claimed is None else "human"
-    provenance = Provenance(source, image.round, image.annotator, image.task_id, image.time)
-    return Returned(item, provenance, rle=mask, sam_id=claimed, label=names.get(ann.get("category_id")), extra={"coco_id": ann["id"]})
+    from_model = attributes.get("source") == "auto" and claimed is None
+    provenance = replace(image, source="model", annotator=None) if from_model else image
+    label = names.get(ann.get("category_id"))
+    return Returned(item, provenance, rle=mask, sam_id=claimed, label=label, extra={"coco_id": ann["id"]})
 
 
 def _sam_id_value(ann: Any) -> Any:

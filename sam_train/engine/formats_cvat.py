@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from xml.parsers import expat
 
@@ -90,7 +91,8 @@ def ingest_cvat(
     task_id, assignee, stated_time = _meta(root.find("meta"))
     result = Ingested()
     for track in root.findall("track"):
-        result.skipped.append((f"{path}: track {track.get('id')}", "tracks are CVAT for video; export as CVAT for images 1.1"))
+        reason = "tracks are CVAT for video; export as CVAT for images 1.1"
+        result.skipped.append((f"{path}: track {track.get('id')}", reason))
     seen: set[str] = set()
     for image in root.findall("image"):
         name = image.get("name") or ""
@@ -99,7 +101,8 @@ def ingest_cvat(
         try:
             size = int(image.get("width", "")), int(image.get("height", ""))
         except ValueError:
-            result.skipped.append((item, f"width {image.get('width')!r} and height {image.get('height')!r} are not integers"))
+            reason = f"width {image.get('width')!r} and height {image.get('height')!r} are not integers"
+            result.skipped.append((item, reason))
             continue
         problem = (
             "is not among the exported images" if key not in records
@@ -110,7 +113,10 @@ def ingest_cvat(
             result.skipped.append((item, problem))
             continue
         seen.add(key)
-        image_provenance = Provenance("human", engine_round, assignee or annotator, task_id, stated_time or now_iso())
+        # A project export says which task each image is from.
+        image_task = f"task/{image.get('task_id')}" if image.get("task_id") else task_id
+        time = stated_time or now_iso()
+        image_provenance = Provenance("human", engine_round, assignee or annotator, image_task, time)
         returned, left_out = _image_shapes(image, item, size, image_provenance, result.skipped)
         edits, withheld = image_edits(key, records[key], returned, image_provenance, complete, left_out)
         result.edits += edits
@@ -124,9 +130,9 @@ def _image_shapes(
 ) -> tuple[list[Returned], list[str | None]]:
     """An image's shapes as returned masks and prompts, and the raw sam_ids of shapes left out."""
     width, height = size
-    model = Provenance("model", human.round, None, human.task_id, human.time)
+    model = replace(human, source="model", annotator=None)
     returned, left_out = [], []
-    prompt_parts: dict[tuple[str, int], list[tuple[str, ET.Element]]] = {}
+    prompt_parts: dict[tuple[str, int], list[tuple[int, ET.Element]]] = {}
     for index, shape in enumerate(image):
         attributes = {a.get("name"): a.text or "" for a in shape.findall("attribute")}
         shape_item = f"{item} <{shape.tag}> #{index}"
@@ -141,7 +147,7 @@ def _image_shapes(
                 mask = mask_rle([[v for point in points for v in point]], height, width)
             elif shape.tag in _PROMPT_SHAPES:
                 group = int(shape.get("group_id") or 0)
-                prompt_parts.setdefault(("group", group) if group else ("shape", index), []).append((shape_item, shape))
+                prompt_parts.setdefault(("group", group) if group else ("shape", index), []).append((index, shape))
                 continue
             else:
                 raise ValueError(f"<{shape.tag}> is not supported (mask, polygon, box and points are)")
@@ -150,10 +156,10 @@ def _image_shapes(
             left_out.append(attributes.get("sam_id"))
             continue
         provenance = model if shape.get("source") == "auto" and claimed is None else human
-        extra = {"cvat_shape": shape.tag}
-        returned.append(Returned(shape_item, provenance, rle=mask, sam_id=claimed, label=shape.get("label"), extra=extra))
+        label, extra = shape.get("label"), {"cvat_shape": shape.tag}
+        returned.append(Returned(shape_item, provenance, rle=mask, sam_id=claimed, label=label, extra=extra))
     for parts in prompt_parts.values():
-        parts_item = ", ".join(part_item for part_item, _ in parts)
+        parts_item = f"{item} " + ", ".join(f"<{shape.tag}> #{index}" for index, shape in parts)
         try:
             prompt = _prompt([shape for _, shape in parts], width, height)
         except ValueError as exc:

@@ -72,6 +72,8 @@ def cvat_rle(mask: np.ndarray) -> str:
 
 def test_export_coco_is_a_cvat_importable_coco_file(tmp_path: Path, records: dict) -> None:
     path = tmp_path / "out" / "export.json"
+    ann_103 = records["img_a"]["annotations"][2]
+    ann_103["segmentation"]["counts"] = rle.rle_counts(ann_103["segmentation"]).tolist()  # uncompressed in the record
     export_coco(records, path)
     data = json.loads(path.read_text())
     assert [(i["file_name"], i["width"], i["height"]) for i in data["images"]] == [("img_a.jpg", W, H), ("img_b.jpg", W, H)]
@@ -87,6 +89,8 @@ def test_export_coco_is_a_cvat_importable_coco_file(tmp_path: Path, records: dic
     coco = COCO(str(path))  # pycocotools reads it and decodes our masks exactly
     a_id = next(i["id"] for i in data["images"] if i["file_name"] == "img_a.jpg")
     assert np.array_equal(coco.annToMask(coco.anns[102]).astype(bool), box_mask(12, 20, 5, 15))
+    assert isinstance(anns[103]["segmentation"]["counts"], str)  # compressed, whatever form the record held
+    assert np.array_equal(coco.annToMask(coco.anns[103]).astype(bool), box_mask(1, 6, 20, 30))
     assert anns[102]["image_id"] == a_id and anns[102]["bbox"] == [5.0, 12.0, 10.0, 8.0] and anns[102]["area"] == 80
     assert not list(tmp_path.joinpath("out").glob(".*.tmp"))  # written atomically: no leftovers
 
@@ -99,16 +103,21 @@ def test_cvat_labels_declare_every_attribute_the_export_writes(tmp_path: Path, r
     assert written - {"source"} == declared  # CVAT consumes `source` itself, as the shape's origin
 
 
+EMPTY = rle.encode(np.zeros((H, W), bool))
+TOO_WIDE = rle.encode(np.ones((H, W + 1), bool))
+TOO_TALL = rle.encode(np.ones((H + 1, W), bool))
+
+
 @pytest.mark.parametrize(
-    "breakage, message",
+    "key, index, change, message",
     [
-        (lambda r: r["img_a"]["annotations"][0].update(segmentation=rle.encode(np.zeros((H, W), bool))), "image 'img_a' annotation 101: empty mask"),
-        (lambda r: r["img_b"]["annotations"][0].update(id=102), "annotation id 102 of image 'img_b' repeats one of image 'img_a'"),
-        (lambda r: r["img_a"]["annotations"][1].update(segmentation=rle.encode(np.ones((H, W + 1), bool))), "image 'img_a' annotation 102: RLE size"),
+        ("img_a", 0, {"segmentation": EMPTY}, "image 'img_a' annotation 101: empty mask"),
+        ("img_b", 0, {"id": 102}, "annotation id 102 of image 'img_b' repeats one of image 'img_a'"),
+        ("img_a", 1, {"segmentation": TOO_WIDE}, "image 'img_a' annotation 102: RLE size"),
     ],
 )
-def test_export_refuses_what_cannot_round_trip(tmp_path: Path, records: dict, breakage, message: str) -> None:
-    breakage(records)
+def test_export_refuses_what_cannot_round_trip(tmp_path: Path, records: dict, key, index, change, message) -> None:
+    records[key]["annotations"][index].update(change)
     with pytest.raises(ValueError, match=message):
         export_coco(records, tmp_path / "e.json")
     assert not (tmp_path / "e.json").exists()
@@ -182,24 +191,27 @@ def test_new_coco_mask_a_model_made_is_marked_model(tmp_path: Path, records: dic
     assert {e.extra.get("coco_id"): e.provenance.source for e in edits} == {101: "human", 9001: "model", 9002: "human"}
 
 
+ANN_101 = "image 'img_a.jpg' annotation 101"
+
+
 @pytest.mark.parametrize(
-    "breakage, item, reason",
+    "part, change, item, reason",
     [
-        (lambda c: c["annotations"][0].update(segmentation=rle.encode(np.ones((H + 1, W), bool))), "image 'img_a.jpg' annotation 101", "RLE size 25x32 does not match the image's 24x32"),
-        (lambda c: c["annotations"][0].update(segmentation=rle.encode(np.zeros((H, W), bool))), "image 'img_a.jpg' annotation 101", "empty mask"),
-        (lambda c: c["annotations"][0].update(segmentation=[[1, 1, 40, 1, 40, 5]]), "image 'img_a.jpg' annotation 101", "vertex (40, 1) lies outside the 32x24 image"),
-        (lambda c: c["annotations"][0].update(segmentation="nonsense"), "image 'img_a.jpg' annotation 101", "neither polygons nor an RLE"),
-        (lambda c: c["annotations"][0].update(image_id=999), "annotation 101", "refers to unknown image id 999"),
-        (lambda c: c["images"][0].update(file_name="stranger.jpg"), "image 'stranger.jpg'", "is not among the exported images"),
-        (lambda c: c["images"][0].update(width=W + 2), "image 'img_a.jpg'", "is 34x24 in the file but the exported image is 32x24"),
+        ("annotations", {"segmentation": TOO_TALL}, ANN_101, "RLE size 25x32 does not match the image's 24x32"),
+        ("annotations", {"segmentation": EMPTY}, ANN_101, "empty mask"),
+        ("annotations", {"segmentation": [[1, 1, 40, 1, 40, 5]]}, ANN_101, "vertex (40, 1) lies outside the 32x24 image"),
+        ("annotations", {"segmentation": "nonsense"}, ANN_101, "neither polygons nor an RLE"),
+        ("annotations", {"image_id": 999}, "annotation 101", "refers to unknown image id 999"),
+        ("images", {"file_name": "stranger.jpg"}, "image 'stranger.jpg'", "is not among the exported images"),
+        ("images", {"width": W + 2}, "image 'img_a.jpg'", "is 34x24 in the file but the exported image is 32x24"),
     ],
 )
-def test_bad_coco_items_are_skipped_naming_file_and_item(tmp_path: Path, records: dict, breakage, item: str, reason: str) -> None:
+def test_bad_coco_items_are_skipped_naming_file_and_item(tmp_path: Path, records: dict, part, change, item, reason) -> None:
     export_coco(records, tmp_path / "export.json")
     coco = json.loads((tmp_path / "export.json").read_text())
     coco["images"].sort(key=lambda i: i["file_name"])
     coco["annotations"].sort(key=lambda a: a["id"])
-    breakage(coco)
+    coco[part][0].update(change)  # img_a's entry, or its annotation 101
     (tmp_path / "bad.json").write_text(json.dumps(coco))
     result = ingest_coco(tmp_path / "bad.json", records, complete=True, engine_round=2)
     ((where, why),) = result.skipped
@@ -308,30 +320,48 @@ def test_cvat_xml_gives_exact_masks_prompts_and_deletions(tmp_path: Path, record
     }
 
 
+def test_a_copied_shape_is_a_new_mask_not_a_second_correction(tmp_path: Path, records: dict) -> None:
+    exported_101 = box_mask(2, 10, 3, 12)
+    shapes = "".join(
+        f'<mask label="object" rle="{cvat_rle(exported_101[2:10, 3:12])}" left="{left}" top="2" width="9" height="8">'
+        '<attribute name="sam_id">101</attribute></mask>'
+        for left in (3, 20)  # the original, then a copy pasted to the right
+    )
+    (tmp_path / "a.xml").write_text(cvat_xml(f'<image id="0" name="img_a.jpg" width="{W}" height="{H}">{shapes}</image>'))
+    (added,) = ingest_cvat(tmp_path / "a.xml", records, complete=False, engine_round=3).edits
+    assert added.action == "add" and np.array_equal(decoded(added), box_mask(2, 10, 20, 29))
+
+
 def test_cvat_without_complete_deletes_nothing(tmp_path: Path, records: dict) -> None:
-    xml = cvat_xml(f'<image id="0" name="img_a.jpg" width="{W}" height="{H}"></image>')
+    xml = cvat_xml(f'<image id="0" name="img_a.jpg" width="{W}" height="{H}" task_id="5"></image>')  # a project export
     (tmp_path / "a.xml").write_text(xml)
     assert ingest_cvat(tmp_path / "a.xml", records, complete=False, engine_round=3).edits == []
     deletes = ingest_cvat(tmp_path / "a.xml", records, complete=True, engine_round=3, annotator="dan").edits
     assert sorted(e.target for e in deletes) == [101, 102, 103]
-    assert {(e.action, e.provenance.annotator, e.provenance.task_id) for e in deletes} == {("delete", "dan", None)}
+    assert {(e.action, e.provenance.annotator, e.provenance.task_id) for e in deletes} == {("delete", "dan", "task/5")}
+
+
+def claims_101(shape: str) -> str:
+    """A CVAT shape element carrying sam_id 101."""
+    tag = shape[1 : shape.index(" ")]
+    return f'{shape}<attribute name="sam_id">101</attribute></{tag}>'
 
 
 @pytest.mark.parametrize(
     "shape, item, reason",
     [
-        ('<mask label="o" rle="0, 12" left="30" top="0" width="4" height="3"><attribute name="sam_id">101</attribute></mask>', "<mask> #0", "mask box 4x3 at (30, 0) lies outside the 32x24 image"),
-        ('<mask label="o" rle="0, 11" left="0" top="0" width="4" height="3"><attribute name="sam_id">101</attribute></mask>', "<mask> #0", "rle runs cover 11 pixels, its 4x3 box has 12"),
-        ('<mask label="o" rle="12" left="0" top="0" width="4" height="3"><attribute name="sam_id">101</attribute></mask>', "<mask> #0", "empty mask"),
-        ('<mask label="o" rle="a, b" left="0" top="0" width="4" height="3"><attribute name="sam_id">101</attribute></mask>', "<mask> #0", "must be integers"),
-        ('<polygon label="o" points="1,1;2,2"><attribute name="sam_id">101</attribute></polygon>', "<polygon> #0", "polygon has 2 points, needs at least 3"),
-        ('<polygon label="o" points="1,1;50,2;3,9"><attribute name="sam_id">101</attribute></polygon>', "<polygon> #0", "vertex (50, 2) lies outside"),
-        ('<polyline label="o" points="1,1;2,2"><attribute name="sam_id">101</attribute></polyline>', "<polyline> #0", "not supported"),
+        (claims_101('<mask rle="0, 12" left="30" top="0" width="4" height="3">'), "<mask> #0", "mask box 4x3 at (30, 0) lies outside"),
+        (claims_101('<mask rle="0, 11" left="0" top="0" width="4" height="3">'), "<mask> #0", "rle runs cover 11 pixels, its 4x3 box has 12"),
+        (claims_101('<mask rle="12" left="0" top="0" width="4" height="3">'), "<mask> #0", "empty mask"),
+        (claims_101('<mask rle="a, b" left="0" top="0" width="4" height="3">'), "<mask> #0", "must be integers"),
+        (claims_101('<polygon points="1,1;2,2">'), "<polygon> #0", "polygon has 2 points, needs at least 3"),
+        (claims_101('<polygon points="1,1;50,2;3,9">'), "<polygon> #0", "vertex (50, 2) lies outside the 32x24 image"),
+        (claims_101('<polyline points="1,1;2,2">'), "<polyline> #0", "not supported"),
         ('<box label="o" xtl="5" ytl="5" xbr="40" ybr="9"></box>', "<box> #0", "leaves the 32x24 image"),
         ('<points label="o" points="5,-1"></points>', "<points> #0", "point (5.0, -1.0) lies outside"),
     ],
 )
-def test_bad_cvat_shapes_are_skipped_naming_file_image_and_shape(tmp_path: Path, records: dict, shape: str, item: str, reason: str) -> None:
+def test_bad_cvat_shapes_are_skipped_naming_file_image_and_shape(tmp_path: Path, records: dict, shape, item, reason) -> None:
     (tmp_path / "a.xml").write_text(cvat_xml(f'<image id="0" name="img_a.jpg" width="{W}" height="{H}">{shape}</image>'))
     result = ingest_cvat(tmp_path / "a.xml", records, complete=True, engine_round=3)
     ((where, why),) = result.skipped
@@ -364,6 +394,7 @@ def test_cvat_unknown_or_resized_image_is_skipped(tmp_path: Path, records: dict)
             '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY a "aaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]><annotations>&b;</annotations>',
             "DTDs and entities are refused",
         ),
+        ('<?xml version="1.0"?><!DOCTYPE annotations SYSTEM "http://attacker.invalid/x.dtd"><annotations/>', "DTDs and entities are refused"),
         ('<?xml version="1.0"?><annotations><image name="&undeclared;"/></annotations>', "malformed XML"),
     ],
 )
@@ -397,12 +428,13 @@ def test_sa1b_corrections_add_and_replace_by_provenance_corrects(tmp_path: Path,
     assert (replaced.provenance.source, replaced.provenance.annotator, replaced.provenance.time) == ("human", "bob", "2024-01-02T03:04:05+00:00")
     assert [(e.extra["sa1b_id"], e.target) for e in actions["add"]] == [(8, None), (102, None)]
     assert np.array_equal(decoded(actions["add"][0]), extra) and not decoded(actions["add"][0])[15, 23]
-    assert (actions["add"][0].provenance.source, actions["add"][0].provenance.task_id) == ("model", "sam-b")
+    model_made = actions["add"][0].provenance
+    assert (model_made.source, model_made.task_id, model_made.annotator) == ("model", "sam-b", None)
     assert actions["add"][1].provenance.annotator == "eve" and actions["delete"] == []
     assert {e.provenance.round for e in result.edits} == {4}
     skipped = dict(result.skipped)
-    assert "provenance.corrects names mask 999" in skipped[f"{folder / 'img_a.json'}: annotation 9"]
-    assert "RLE size 24x33 does not match" in skipped[f"{folder / 'img_a.json'}: annotation 10"]
+    assert "provenance.corrects names mask 999" in skipped[f"{folder / 'img_a.json'}: image 'img_a' annotation 9"]
+    assert "RLE size 24x33 does not match" in skipped[f"{folder / 'img_a.json'}: image 'img_a' annotation 10"]
     assert skipped[f"{folder / 'unknown.json'}: image 'unknown'"] == "is not among the exported images"
     assert "malformed JSON" in skipped[str(folder / "truncated.json")]
     assert len(skipped) == 4
