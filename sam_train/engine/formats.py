@@ -10,6 +10,9 @@ back with the records that were exported (`records`: key -> SA-1B record) and yi
 - with `complete=True` (the file is the whole corrected set of masks of every image it lists),
   an exported mask no shape names: `delete`; images the file does not list are left alone.
 
+Every ingester takes the engine `round` the corrections belong to, and an `annotator` for files
+that name none. Provenance is "human" unless the file says a model made the shape.
+
 A bad image or annotation is left out and reported as (item, reason), the item naming the file,
 the image and the annotation; the ids it names are never deleted. Masks never pass through
 contours, so a hole stays a hole. Formats: `formats_coco` (COCO JSON, export and ingest),
@@ -168,7 +171,7 @@ def ingest_sa1b(
     sources: str | os.PathLike | Sequence[str | os.PathLike],
     records: dict[str, dict],
     *,
-    engine_round: int,
+    round: int,
     annotator: str | None = None,
 ) -> Ingested:
     """Masks from SA-1B JSON files (one per image, `<key>.json`; folders are searched) as edits.
@@ -199,16 +202,16 @@ def ingest_sa1b(
             continue
         returned = []
         for i, ann in enumerate(record["annotations"]):
-            shape = _sa1b_shape(f"{path}: image {key!r}", ann, i, exported, engine_round, annotator, result.skipped)
+            shape = _sa1b_shape(f"{path}: image {key!r}", ann, i, exported, round, annotator, result.skipped)
             if shape is not None:
                 returned.append(shape)
         # No deletions: an SA-1B file adds and corrects masks, it does not list the survivors.
-        result.edits += image_edits(key, exported, returned, Provenance("human", engine_round))[0]
+        result.edits += image_edits(key, exported, returned, Provenance("human", round))[0]
     return result
 
 
 def _sa1b_shape(
-    image: str, ann: Any, index: int, exported: dict, engine_round: int, annotator: str | None, skipped: Skipped
+    image: str, ann: Any, index: int, exported: dict, round: int, annotator: str | None, skipped: Skipped
 ) -> Returned | None:
     """One SA-1B annotation as a returned shape; None (and a report) if it cannot be used."""
     ann_id = ann.get("id") if isinstance(ann, dict) else None
@@ -230,7 +233,7 @@ def _sa1b_shape(
     source = stated.get("source") if stated.get("source") in ("model", "human") else "human"
     provenance = Provenance(
         source,
-        engine_round,
+        round,
         stated.get("annotator") or (annotator if source == "human" else None),
         None if stated.get("task_id") is None else str(stated["task_id"]),
         parse_time(stated.get("time")) or now_iso(),

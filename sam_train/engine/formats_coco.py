@@ -94,7 +94,7 @@ def ingest_coco(
     records: dict[str, dict],
     *,
     complete: bool,
-    engine_round: int,
+    round: int,
     annotator: str | None = None,
 ) -> Ingested:
     """Edits from a corrected COCO JSON (polygons, compressed or uncompressed RLE) of exported images.
@@ -133,7 +133,7 @@ def ingest_coco(
             orphans.append(_sam_id_value(ann))  # ids are unique across an export: keep what it names
     for image_id, (key, entry) in images.items():
         record = records[key]
-        provenance = Provenance("human", engine_round, annotator, str(image_id), stated_time or now_iso())
+        provenance = Provenance("human", round, annotator, str(image_id), stated_time or now_iso())
         returned, left_out = [], list(orphans)
         for ann in by_image[image_id]:
             item = f"{path}: image {entry['file_name']!r} annotation {ann.get('id')}"

@@ -2,7 +2,7 @@
 
 Shapes: `<mask>` (CVAT's own RLE inside its box, see `decode_cvat_rle`) and `<polygon>` are masks;
 `<box>` and `<points>` are prompts for the model, one prompt per shape or per `group_id` (a box
-and its clicks grouped in CVAT); points whose label is "negative" are negative clicks. A shape's
+and its clicks grouped in CVAT); points labelled "negative" or "background" are negative clicks. A shape's
 `<attribute name="sam_id">` (set by our COCO export) links it to a model mask. Provenance: the
 job's (else task's) assignee is the annotator, `job/<id>` or `task/<id>` the task id,
 `<dumped>` the time; a new shape CVAT marks `source="auto"` came from a model. The rules that
@@ -34,7 +34,7 @@ from sam_train.engine.formats import (
 )
 from sam_train.engine.records import Prompt, Provenance, now_iso
 
-NEGATIVE_LABEL = "negative"  # a <points> shape with this label holds negative clicks
+NEGATIVE_LABELS = frozenset({"negative", "background"})  # <points> labels that mean "not this object"
 _PROMPT_SHAPES = ("box", "points")
 
 
@@ -73,7 +73,7 @@ def ingest_cvat(
     records: dict[str, dict],
     *,
     complete: bool,
-    engine_round: int,
+    round: int,
     annotator: str | None = None,
 ) -> Ingested:
     """Edits from a CVAT for images 1.1 `annotations.xml` of exported images (matched by `<key>.jpg`).
@@ -116,7 +116,7 @@ def ingest_cvat(
         # A project export says which task each image is from.
         image_task = f"task/{image.get('task_id')}" if image.get("task_id") else task_id
         time = stated_time or now_iso()
-        image_provenance = Provenance("human", engine_round, assignee or annotator, image_task, time)
+        image_provenance = Provenance("human", round, assignee or annotator, image_task, time)
         returned, left_out = _image_shapes(image, item, size, image_provenance, result.skipped)
         edits, withheld = image_edits(key, records[key], returned, image_provenance, complete, left_out)
         result.edits += edits
@@ -209,7 +209,7 @@ def _prompt(shapes: list[ET.Element], width: int, height: int) -> Prompt:
             if outside:
                 raise ValueError(f"point {outside[0]} lies outside the {width}x{height} image")
             points += clicks
-            labels += [0 if shape.get("label") == NEGATIVE_LABEL else 1] * len(clicks)
+            labels += [0 if shape.get("label") in NEGATIVE_LABELS else 1] * len(clicks)
     return Prompt(box=box, points=tuple(points), labels=tuple(labels))
 
 

@@ -161,7 +161,7 @@ def check_corrections(edits: list[Edit], expected: dict[str, np.ndarray], comple
 def test_coco_round_trip_gives_exactly_the_corrections(tmp_path: Path, records: dict, complete: bool) -> None:
     coco, expected = corrected_export(tmp_path, records)
     (tmp_path / "corrected.json").write_text(json.dumps(coco))
-    result = ingest_coco(tmp_path / "corrected.json", records, complete=complete, engine_round=2, annotator="carol")
+    result = ingest_coco(tmp_path / "corrected.json", records, complete=complete, round=2, annotator="carol")
     assert result.skipped == []
     check_corrections(result.edits, expected, complete)
     a_id = next(i["id"] for i in coco["images"] if i["file_name"] == "img_a.jpg")
@@ -176,7 +176,7 @@ def test_coco_from_cvat_links_masks_by_sam_id_not_by_renumbered_id(tmp_path: Pat
         ann["extra_id"], ann["id"] = ann["id"], number
     coco["info"] = {"date_created": "2024-05-01 12:00:00+02:00"}
     (tmp_path / "cvat.json").write_text(json.dumps(coco))
-    result = ingest_coco(tmp_path / "cvat.json", records, complete=True, engine_round=2)
+    result = ingest_coco(tmp_path / "cvat.json", records, complete=True, round=2)
     renumbered = {a["extra_id"]: a["id"] for a in coco["annotations"]}
     check_corrections(result.edits, expected, complete=True, added_ids=(renumbered[9001], renumbered[9002]))
     assert {e.provenance.time for e in result.edits} == {"2024-05-01T10:00:00+00:00"}
@@ -187,7 +187,7 @@ def test_new_coco_mask_a_model_made_is_marked_model(tmp_path: Path, records: dic
     new = next(a for a in coco["annotations"] if a["id"] == 9001)
     new["attributes"] = {"source": "auto"}  # e.g. CVAT's own auto-annotation added it
     (tmp_path / "c.json").write_text(json.dumps(coco))
-    edits = ingest_coco(tmp_path / "c.json", records, complete=False, engine_round=2).edits
+    edits = ingest_coco(tmp_path / "c.json", records, complete=False, round=2).edits
     assert {e.extra.get("coco_id"): e.provenance.source for e in edits} == {101: "human", 9001: "model", 9002: "human"}
 
 
@@ -213,7 +213,7 @@ def test_bad_coco_items_are_skipped_naming_file_and_item(tmp_path: Path, records
     coco["annotations"].sort(key=lambda a: a["id"])
     coco[part][0].update(change)  # img_a's entry, or its annotation 101
     (tmp_path / "bad.json").write_text(json.dumps(coco))
-    result = ingest_coco(tmp_path / "bad.json", records, complete=True, engine_round=2)
+    result = ingest_coco(tmp_path / "bad.json", records, complete=True, round=2)
     ((where, why),) = result.skipped
     assert where == f"{tmp_path / 'bad.json'}: {item}" and reason in why
     # A person kept something where the bad item was: nothing of img_a is deleted on its account.
@@ -226,7 +226,7 @@ def test_unreadable_sam_id_withholds_the_images_deletions(tmp_path: Path, record
     coco["annotations"] = [a for a in coco["annotations"] if a["id"] != 102]  # a person deleted 102...
     next(a for a in coco["annotations"] if a["id"] == 101)["attributes"]["sam_id"] = "1O1"  # ...and 101's id got mangled
     (tmp_path / "c.json").write_text(json.dumps(coco))
-    result = ingest_coco(tmp_path / "c.json", records, complete=True, engine_round=2)
+    result = ingest_coco(tmp_path / "c.json", records, complete=True, round=2)
     assert result.edits == []  # 101 may be the kept one, or 102: deleting either could lose a kept mask
     assert result.skipped == [
         (f"{tmp_path / 'c.json'}: image 'img_a.jpg' annotation 101", "sam_id '1O1' is not an annotation id"),
@@ -237,10 +237,10 @@ def test_unreadable_sam_id_withholds_the_images_deletions(tmp_path: Path, record
 def test_malformed_coco_file_is_an_error_naming_it(tmp_path: Path, records: dict) -> None:
     (tmp_path / "broken.json").write_text('{"images": [')
     with pytest.raises(ValueError, match=r"broken\.json: malformed JSON"):
-        ingest_coco(tmp_path / "broken.json", records, complete=True, engine_round=2)
+        ingest_coco(tmp_path / "broken.json", records, complete=True, round=2)
     (tmp_path / "other.json").write_text('{"annotations": []}')
     with pytest.raises(ValueError, match=r"other\.json: not a COCO instances file"):
-        ingest_coco(tmp_path / "other.json", records, complete=True, engine_round=2)
+        ingest_coco(tmp_path / "other.json", records, complete=True, round=2)
 
 
 # ---------------------------------------------------------------- CVAT XML
@@ -290,7 +290,7 @@ def test_cvat_xml_gives_exact_masks_prompts_and_deletions(tmp_path: Path, record
         JOB_META,
     )
     (tmp_path / "annotations.xml").write_text(xml)
-    result = ingest_cvat(tmp_path / "annotations.xml", records, complete=True, engine_round=3)
+    result = ingest_cvat(tmp_path / "annotations.xml", records, complete=True, round=3)
     assert result.skipped == []
     actions = by_action(result.edits)
     assert {e.image for e in result.edits} == {"img_a"}
@@ -328,15 +328,15 @@ def test_a_copied_shape_is_a_new_mask_not_a_second_correction(tmp_path: Path, re
         for left in (3, 20)  # the original, then a copy pasted to the right
     )
     (tmp_path / "a.xml").write_text(cvat_xml(f'<image id="0" name="img_a.jpg" width="{W}" height="{H}">{shapes}</image>'))
-    (added,) = ingest_cvat(tmp_path / "a.xml", records, complete=False, engine_round=3).edits
+    (added,) = ingest_cvat(tmp_path / "a.xml", records, complete=False, round=3).edits
     assert added.action == "add" and np.array_equal(decoded(added), box_mask(2, 10, 20, 29))
 
 
 def test_cvat_without_complete_deletes_nothing(tmp_path: Path, records: dict) -> None:
     xml = cvat_xml(f'<image id="0" name="img_a.jpg" width="{W}" height="{H}" task_id="5"></image>')  # a project export
     (tmp_path / "a.xml").write_text(xml)
-    assert ingest_cvat(tmp_path / "a.xml", records, complete=False, engine_round=3).edits == []
-    deletes = ingest_cvat(tmp_path / "a.xml", records, complete=True, engine_round=3, annotator="dan").edits
+    assert ingest_cvat(tmp_path / "a.xml", records, complete=False, round=3).edits == []
+    deletes = ingest_cvat(tmp_path / "a.xml", records, complete=True, round=3, annotator="dan").edits
     assert sorted(e.target for e in deletes) == [101, 102, 103]
     assert {(e.action, e.provenance.annotator, e.provenance.task_id) for e in deletes} == {("delete", "dan", "task/5")}
 
@@ -363,7 +363,7 @@ def claims_101(shape: str) -> str:
 )
 def test_bad_cvat_shapes_are_skipped_naming_file_image_and_shape(tmp_path: Path, records: dict, shape, item, reason) -> None:
     (tmp_path / "a.xml").write_text(cvat_xml(f'<image id="0" name="img_a.jpg" width="{W}" height="{H}">{shape}</image>'))
-    result = ingest_cvat(tmp_path / "a.xml", records, complete=True, engine_round=3)
+    result = ingest_cvat(tmp_path / "a.xml", records, complete=True, round=3)
     ((where, why),) = result.skipped
     assert where == f"{tmp_path / 'a.xml'}: image 'img_a.jpg' {item}" and reason in why
     assert sorted(e.target for e in result.edits) == ([102, 103] if "sam_id" in shape else [101, 102, 103])
@@ -372,7 +372,7 @@ def test_bad_cvat_shapes_are_skipped_naming_file_image_and_shape(tmp_path: Path,
 def test_cvat_unknown_or_resized_image_is_skipped(tmp_path: Path, records: dict) -> None:
     xml = cvat_xml(f'<image id="0" name="ghost.jpg" width="{W}" height="{H}"/><image id="1" name="img_b.jpg" width="{W}" height="9"/>')
     (tmp_path / "a.xml").write_text(xml)
-    result = ingest_cvat(tmp_path / "a.xml", records, complete=True, engine_round=3)
+    result = ingest_cvat(tmp_path / "a.xml", records, complete=True, round=3)
     assert result.edits == []
     assert result.skipped == [
         (f"{tmp_path / 'a.xml'}: image 'ghost.jpg'", "is not among the exported images"),
@@ -401,7 +401,7 @@ def test_cvat_unknown_or_resized_image_is_skipped(tmp_path: Path, records: dict)
 def test_bad_cvat_file_is_an_error_naming_it(tmp_path: Path, records: dict, text: str, message: str) -> None:
     (tmp_path / "evil.xml").write_text(text)
     with pytest.raises(ValueError, match=rf"evil\.xml: .*{message}"):
-        ingest_cvat(tmp_path / "evil.xml", records, complete=True, engine_round=3)
+        ingest_cvat(tmp_path / "evil.xml", records, complete=True, round=3)
 
 
 # ---------------------------------------------------------------- SA-1B
@@ -420,7 +420,7 @@ def test_sa1b_corrections_add_and_replace_by_provenance_corrects(tmp_path: Path,
     (folder / "img_a.json").write_text(json.dumps(sa1b.make_record(1, "img_a.jpg", H, W, anns)))
     (folder / "unknown.json").write_text(json.dumps(sa1b.make_record(2, "unknown.jpg", H, W, [])))
     (folder / "truncated.json").write_text('{"image": {"width": 3')
-    result = ingest_sa1b(folder, records, engine_round=4, annotator="eve")
+    result = ingest_sa1b(folder, records, round=4, annotator="eve")
 
     actions = by_action(result.edits)
     (replaced,) = actions["replace"]
@@ -444,6 +444,6 @@ def test_sa1b_identical_correction_is_no_edit(tmp_path: Path, records: dict) -> 
     same = copy.deepcopy(records["img_b"])
     same["annotations"][0]["provenance"] = {"corrects": 201}
     (tmp_path / "img_b.json").write_text(json.dumps(same))
-    assert ingest_sa1b([tmp_path / "img_b.json"], records, engine_round=4).edits == []
+    assert ingest_sa1b([tmp_path / "img_b.json"], records, round=4).edits == []
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
-        ingest_sa1b(tmp_path / "nowhere.json", records, engine_round=4)
+        ingest_sa1b(tmp_path / "nowhere.json", records, round=4)
