@@ -5,9 +5,9 @@ holds a compressed RLE with `iscrowd: 1` (CVAT exports a shape as RLE only when 
 is set, so the flag keeps holes on the way back; its importer needs the field, and takes any
 RLE as a mask), `id` = our annotation id, `score` = predicted IoU, and `attributes`
 {sam_id, source, round, stability_score}. CVAT keeps an attribute only if the task's label
-declares it: create the task with `CVAT_LABELS` (paste into the label constructor's Raw tab) and
-untick "convert masks to polygons" when uploading, or holes are lost. Ingestion rules are in
-`sam_train.engine.formats`.
+declares it: create the task with `CVAT_LABELS` (paste into the label constructor's Raw tab), and
+where the upload dialog offers "convert masks to polygons", untick it, or holes are lost.
+Ingestion rules are in `sam_train.engine.formats`.
 """
 
 from __future__ import annotations
