@@ -106,7 +106,8 @@ def decode(rle: Sequence[int], height: int, width: int) -> np.ndarray:
         done = int(produced[last - 1]) if last else 0
         raise ValueError(f"brush RLE stops after {done} of its {num} values: the data is cut short")
     if produced[last] != num:
-        raise ValueError(f"brush RLE runs cover {int(produced[last])} values, more than the {num} of a {height}x{width} image")
+        covered = int(produced[last])
+        raise ValueError(f"brush RLE runs cover {covered} values, more than the {num} of a {height}x{width} image")
     spare = total_bits - int(end[starts[last]])
     if spare > MAX_PADDING_BITS:
         raise ValueError(f"brush RLE has {spare // 8} bytes of data after its last run")

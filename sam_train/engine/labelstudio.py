@@ -52,8 +52,9 @@ REGION_PREFIX = "m"  # model region ids are REGION_PREFIX + annotation id
 RESULT_TYPES = {MASK: "brushlabels", BOX: "rectanglelabels", POINT: "keypointlabels"}
 
 LABEL_CONFIG = f"""<View>
-  <Header value="Keep, repaint or delete the model's masks; paint missing objects. Or prompt the model: a box, and/or
-    points ({POSITIVE} = on the object, {NEGATIVE} = not on it); relate the points of one object to its box or first point."/>
+  <Header value="Keep, repaint or delete the model's masks; paint missing objects. Or prompt the model with
+    a box and/or points ({POSITIVE} = on the object, {NEGATIVE} = not on it): relate the points of one
+    object to its box or first point."/>
   <Image name="{IMAGE}" value="$image" zoom="true" zoomControl="true"/>
   <BrushLabels name="{MASK}" toName="{IMAGE}">
     <Label value="{MASK_LABEL}" background="#1f77b4"/>
@@ -355,7 +356,9 @@ def _check_result(result: dict, where: str, width: int, height: int) -> str:
         raise ValueError(f"{where}: to_name {result.get('to_name')!r} is not {IMAGE!r}")
     size = (result.get("original_width"), result.get("original_height"))
     if size != (width, height):
-        raise ValueError(f"{where}: drawn on a {size[0]} x {size[1]} image (width x height), the task's is {width} x {height}")
+        raise ValueError(
+            f"{where}: drawn on a {size[0]} x {size[1]} image (width x height), the task's is {width} x {height}"
+        )
     if not isinstance(result.get("value"), dict):
         raise ValueError(f"{where}: no value object")
     return tag
@@ -393,7 +396,9 @@ def _prompt_groups(prompts: dict[str, tuple[str, dict]], relations: list[dict], 
     for relation in relations:
         ends = (relation.get("from_id"), relation.get("to_id"))
         if not all(end in prompts for end in ends):
-            raise ValueError(f"{where}: relation {ends[0]!r} -> {ends[1]!r} joins something other than boxes and points")
+            raise ValueError(
+                f"{where}: relation {ends[0]!r} -> {ends[1]!r} joins something other than boxes and points"
+            )
         parent[root(ends[0])] = root(ends[1])
     groups: dict[str, list[str]] = {}
     for region in prompts:
@@ -488,7 +493,7 @@ class LabelStudio:
         return self.request("POST", "/api/projects", body)
 
     def connect_local_files(self, project_id: int, path: str | Path, title: str = "images") -> dict:
-        """Let the project serve images from `path`, a folder under the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT."""
+        """Let the project serve images from `path`, a folder under the server's local-files document root."""
         body = {"project": project_id, "path": str(path), "title": title, "use_blob_urls": True}
         return self.request("POST", "/api/storages/localfiles", body)
 
@@ -512,7 +517,8 @@ class LabelStudio:
         """Every task of a project, page by page."""
         out, page = [], 1
         while True:
-            reply = self.request("GET", "/api/tasks", query={"project": project_id, "page": page, "page_size": page_size})
+            query = {"project": project_id, "page": page, "page_size": page_size}
+            reply = self.request("GET", "/api/tasks", query=query)
             batch = reply.get("tasks", []) if isinstance(reply, dict) else reply
             out.extend(batch)
             total = reply.get("total") if isinstance(reply, dict) else None
@@ -521,7 +527,7 @@ class LabelStudio:
             page += 1
 
     def export(self, project_id: int, timeout: float = 600.0, poll: float = 0.5) -> list[dict]:
-        """A snapshot export with full prediction bodies and every annotation, cancelled ones too: what parse_export reads."""
+        """A snapshot export with full prediction bodies and all annotations, cancelled too: parse_export's input."""
         body = {
             "title": "sam-train",
             "serialization_options": {"predictions": {"only_id": False}, "drafts": {"only_id": False},
@@ -531,11 +537,12 @@ class LabelStudio:
         snapshot = self.request("POST", f"/api/projects/{project_id}/exports/", body)
         path = f"/api/projects/{project_id}/exports/{snapshot['id']}"
         deadline = time.monotonic() + timeout
+        name = f"snapshot export {snapshot['id']} of project {project_id}"
         while snapshot.get("status") != "completed":
             if snapshot.get("status") == "failed":
-                raise LabelStudioError(f"snapshot export {snapshot['id']} of project {project_id} failed: {snapshot!r}")
+                raise LabelStudioError(f"{name} failed: {snapshot!r}")
             if time.monotonic() > deadline:
-                raise LabelStudioError(f"snapshot export {snapshot['id']} of project {project_id} not done after {timeout:.0f} s")
+                raise LabelStudioError(f"{name} not done after {timeout:.0f} s")
             time.sleep(poll)
             snapshot = self.request("GET", path)
         return json.loads(self.request("GET", f"{path}/download", query={"exportType": "JSON"}, raw=True))

@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,30 +28,40 @@ def label_studio_executable(name: str) -> Path:
     """A program of Label Studio's virtualenv; skips (fails under CI, where `make test` installs it) when absent."""
     path = LABEL_STUDIO_VENV / "bin" / name
     if not path.is_file():
-        reason = f"Label Studio's virtualenv {LABEL_STUDIO_VENV} is missing: `make test` (or `make labelstudio`) installs it"
+        reason = f"Label Studio's virtualenv {LABEL_STUDIO_VENV} is missing: `make test` installs it"
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
     return path
 
 
-def run_in_label_studio_venv(script: str, payload: object) -> object:
-    """Run a Python script in Label Studio's virtualenv with JSON on stdin, return its JSON stdout."""
+@pytest.fixture(scope="session")
+def run_in_label_studio_venv() -> Callable[[str, object], object]:
+    """Run a Python script in Label Studio's virtualenv with JSON on stdin and get its JSON stdout back."""
     python = label_studio_executable("python")
-    done = subprocess.run([python, "-c", script], input=json.dumps(payload), capture_output=True, text=True, timeout=600)
-    if done.returncode:
-        raise RuntimeError(f"script in {LABEL_STUDIO_VENV} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout)
+
+    def run(script: str, payload: object) -> object:
+        done = subprocess.run([python, "-c", script], input=json.dumps(payload), capture_output=True, text=True,
+                              timeout=600, check=False)
+        if done.returncode:
+            raise RuntimeError(f"script in {LABEL_STUDIO_VENV} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout)
+
+    return run
 
 
 @dataclass(frozen=True)
 class LabelStudioServer:
+    """A running test server: where it is, who the test user is, and where it serves local images from."""
+
     url: str
+    user: str
     token: str
     files_root: Path  # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: images under it can be served to tasks
     start_seconds: float
 
     def client(self) -> LabelStudio:
+        """An API client authenticated as the test user."""
         return LabelStudio(self.url, self.token)
 
 
@@ -86,7 +96,7 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = _wait_until_up(server, log_path, started)
-        yield LabelStudioServer(url, TEST_TOKEN, files_root, time.monotonic() - started)
+        yield LabelStudioServer(url, TEST_USER, TEST_TOKEN, files_root, time.monotonic() - started)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -100,13 +110,14 @@ def _wait_until_up(server: subprocess.Popen, log_path: Path, started: float) -> 
     """The server's URL once /health answers; fails with the log's tail if it exits or times out."""
     url = None
     while time.monotonic() - started < START_TIMEOUT_S:
+        log = log_path.read_text(errors="replace")
         if server.poll() is not None:
-            raise RuntimeError(f"label-studio exited with {server.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(f"label-studio exited with {server.returncode}:\n{log[-3000:]}")
         # A busy port silently moves to the next one: take the address the server reports.
         if url is None:
-            found = re.search(r"Starting development server at (http://127\.0\.0\.1:\d+)/", log_path.read_text(errors="replace"))
+            found = re.search(r"Starting development server at (http://127\.0\.0\.1:\d+)/", log)
             url = found.group(1) if found else None
         if url is not None and LabelStudio(url, TEST_TOKEN, timeout=5).health():
             return url
         time.sleep(0.5)
-    raise RuntimeError(f"label-studio not up after {START_TIMEOUT_S} s:\n{log_path.read_text(errors='replace')[-3000:]}")
+    raise RuntimeError(f"label-studio is not up after {START_TIMEOUT_S} s:\n{log[-3000:]}")

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from sam_train.engine import brush_rle
-from tests.engine.conftest import run_in_label_studio_venv
 
 # The SDK side: mask2rle of each mask (0/255, as Label Studio paints), encode_rle of raw RGBA
 # values, and decode_rle of the streams we made, alpha channel only.
@@ -55,7 +54,7 @@ def test_round_trip() -> None:
 
 
 @pytest.fixture(scope="module")
-def sdk() -> dict:
+def sdk(run_in_label_studio_venv) -> dict:
     """The SDK's answers for sample_masks, RGBA literals, and our encodings of sample_masks."""
     masks = sample_masks()
     rgba = [

@@ -40,8 +40,9 @@ def exported(annotations: list[dict], task_id: int = 5, prediction_id: int = 40)
 
 
 def annotation(result: list[dict], ann_id: int = 1, updated: str = "2026-11-25T10:00:00.123456Z", **fields) -> dict:
-    return {"id": ann_id, "completed_by": {"id": 3, "email": "ann@example.com"}, "result": result, "was_cancelled": False,
-            "created_at": "2026-11-25T09:00:00Z", "updated_at": updated, "parent_prediction": None, **fields}
+    return {"id": ann_id, "completed_by": {"id": 3, "email": "ann@example.com"}, "result": result,
+            "was_cancelled": False, "created_at": "2026-11-25T09:00:00Z", "updated_at": updated,
+            "parent_prediction": None, **fields}
 
 
 def predicted() -> list[dict]:

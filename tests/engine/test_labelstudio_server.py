@@ -14,7 +14,7 @@ from sam_train.data import rle as coco_rle
 from sam_train.data.sa1b import make_annotation, make_record
 from sam_train.engine import labelstudio as ls
 from sam_train.engine.records import Edit, Prompt, Provenance
-from tests.engine.conftest import TEST_USER, LabelStudioServer
+from tests.engine.conftest import LabelStudioServer
 
 H, W = 48, 64
 
@@ -33,7 +33,8 @@ def png(seed: int) -> bytes:
 
 
 def sa1b(image_id: int, masks: dict[int, np.ndarray]) -> dict:
-    return make_record(image_id, f"{image_id}.png", H, W, [make_annotation(m, k, predicted_iou=0.9) for k, m in masks.items()])
+    annotations = [make_annotation(m, k, predicted_iou=0.9) for k, m in masks.items()]
+    return make_record(image_id, f"{image_id}.png", H, W, annotations)
 
 
 def test_round_trip_through_a_real_server(label_studio: LabelStudioServer) -> None:
@@ -55,7 +56,8 @@ def test_round_trip_through_a_real_server(label_studio: LabelStudioServer) -> No
         ls.record_to_task(sa1b(4, {6: rect(1, 2, 1, 2)}), inline, "d", 0),
     ]
     ids = client.import_tasks(project["id"], tasks)
-    assert [t["data"]["key"] for t in sorted(client.tasks(project["id"]), key=lambda t: t["id"])] == ["a", "b", "c", "d"]
+    listed = sorted(client.tasks(project["id"]), key=lambda t: t["id"])
+    assert [t["data"]["key"] for t in listed] == ["a", "b", "c", "d"]
     assert client.request("GET", tasks[0]["data"]["image"], raw=True) == (folder / "a.png").read_bytes()
 
     # Task a, as a person edits it: repaint m1, delete m2, keep m3, paint an object with a hole,
@@ -82,13 +84,14 @@ def test_round_trip_through_a_real_server(label_studio: LabelStudioServer) -> No
     parsed = ls.parse_export(export, round=1)
 
     saved = datetime.fromisoformat(made["updated_at"].replace("Z", "+00:00")).astimezone(timezone.utc)
-    who = Provenance("human", 1, TEST_USER, str(ids[0]), saved.replace(microsecond=0).isoformat())
+    who = Provenance("human", 1, label_studio.user, str(ids[0]), saved.replace(microsecond=0).isoformat())
 
     def extra(**fields) -> dict:
         return {**fields, "annotation_id": made["id"]}
 
     assert parsed.edits == [
-        Edit("a", "replace", who, rle=coco_rle.encode(corrected), target=1, label="object", extra=extra(region_id="m1")),
+        Edit("a", "replace", who, rle=coco_rle.encode(corrected), target=1, label="object",
+             extra=extra(region_id="m1")),
         Edit("a", "add", who, rle=coco_rle.encode(ring), label="object", extra=extra(region_id="n7Hq2")),
         Edit("a", "delete", who, target=2, extra=extra(region_id="m2")),
         Edit("a", "add", who, prompt=Prompt(box=(30.0, 12.0, 62.0, 36.0), points=((45.0, 33.0),), labels=(0,)),
