@@ -91,6 +91,11 @@ def decode(rle: Sequence[int], height: int, width: int) -> np.ndarray:
     if word_minus_1 + 1 != WORD_BITS:
         raise ValueError(f"brush RLE words are {word_minus_1 + 1} bits; RGBA masks use {WORD_BITS}")
     count_widths = np.asarray(widths_minus_1) + 1
+    # At worst every value is a record of its own; anything longer is not this image's mask, and the
+    # per-bit arrays below must stay proportional to the image.
+    longest = HEADER_BITS + num * (3 + int(count_widths.max()) + WORD_BITS) + MAX_PADDING_BITS
+    if total_bits > longest:
+        raise ValueError(f"brush RLE of {data.size} bytes is longer than any stream for a {height}x{width} image")
 
     # Where the record starting at every bit position would end: one vectorised pass.
     position = np.arange(total_bits, dtype=np.int64)

@@ -120,5 +120,7 @@ def test_decode_names_what_is_wrong() -> None:
     overshoot = brush_rle.encode(np.zeros((2, 3), bool))
     with pytest.raises(ValueError, match="cover 24 values, more than the 20"):
         brush_rle.decode([*(20).to_bytes(4, "big"), *overshoot[4:]], 1, 5)
+    with pytest.raises(ValueError, match="longer than any stream for a 1x1 image"):
+        brush_rle.decode(brush_rle.encode(np.ones((1, 1), bool)) + [0] * 100, 1, 1)
     with pytest.raises(ValueError, match="positive image size"):
         brush_rle.decode(good, 0, 30)
