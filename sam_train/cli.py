@@ -66,7 +66,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from sam_train.data.synth import synth_dataset
 
-    manifest = synth_dataset(args.out, args.images, args.seed, args.samples_per_shard, args.workers)
+    manifest = synth_dataset(args.out, args.images, args.seed, args.samples_per_shard, args.workers, args.style)
     print(f"{manifest['total_samples']} synthetic samples in {len(manifest['shards'])} shards -> {args.out}")
     return 0
 
@@ -111,6 +111,8 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--samples-per-shard", type=int, default=100)
     synth.add_argument("--workers", type=int, default=0, help="processes drawing images (0 = one per core)")
+    synth.add_argument("--style", default="objects", choices=["objects", "cells"],
+                       help="scene style: objects (the built-in model's domain) or cells (microscopy-like)")
     synth.set_defaults(func=_cmd_data_synth)
 
     convert = data.add_parser("convert", help="convert a dataset to SA-1B-style shards + manifest (resumable)")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from sam_train.data.sa1b import make_annotation, make_record
 from sam_train.data.shards import write_dataset
-from sam_train.data.synthetic import draw_scene
+from sam_train.data.synthetic import SCENE_STYLES
 
 # Simulated model-quality scores: a real SA-1B file carries the auto-labeller's predicted IoU and
 # stability score per mask. Ours are drawn from these ranges so threshold filters have work to do.
@@ -24,14 +24,18 @@ PREDICTED_IOU_RANGE = (0.80, 1.0)
 STABILITY_RANGE = (0.85, 1.0)
 
 
-def synth_sample(seed: int, index: int, short_side: tuple[int, int] = (240, 400)) -> tuple[str, dict[str, bytes]]:
-    """(key, {"jpg", "json"}) of synthetic image `index`: a non-square image of random size and its masks."""
+def synth_sample(
+    seed: int, index: int, short_side: tuple[int, int] = (240, 400), style: str = "objects"
+) -> tuple[str, dict[str, bytes]]:
+    """(key, {"jpg", "json"}) of synthetic image `index` of a scene style: a non-square image of random size and its masks."""
+    if style not in SCENE_STYLES:
+        raise ValueError(f"unknown scene style {style!r}; choose from {sorted(SCENE_STYLES)}")
     rng = np.random.default_rng([seed, index])
     short = int(rng.integers(short_side[0], short_side[1] + 1))
     long = int(short * rng.uniform(1.0, 1.8))
     height, width = (short, long) if rng.random() < 0.7 else (long, short)  # mostly landscape, as SA-1B
-    scene = draw_scene(rng, height, width)
-    key = f"synth_{seed}_{index:08d}"
+    scene = SCENE_STYLES[style](rng, height, width)
+    key = f"{'synth' if style == 'objects' else style}_{seed}_{index:08d}"
     annotations = [
         make_annotation(
             mask,
@@ -47,18 +51,26 @@ def synth_sample(seed: int, index: int, short_side: tuple[int, int] = (240, 400)
     return key, {"jpg": jpeg.getvalue(), "json": json.dumps(record, separators=(",", ":")).encode()}
 
 
-def _synth_item(item: tuple[int, int]) -> tuple[str, dict[str, bytes]]:
-    return synth_sample(*item)
+def _synth_item(item: tuple[int, int, str]) -> tuple[str, dict[str, bytes]]:
+    seed, index, style = item
+    return synth_sample(seed, index, style=style)
 
 
-def synth_dataset(out_dir: str | os.PathLike, images: int, seed: int, samples_per_shard: int = 100, workers: int = 0) -> dict:
-    """Write `images` synthetic samples as shards + manifest into `out_dir`; returns the manifest.
+def synth_dataset(
+    out_dir: str | os.PathLike, images: int, seed: int, samples_per_shard: int = 100, workers: int = 0,
+    style: str = "objects",
+) -> dict:
+    """Write `images` synthetic samples of a scene style as shards + manifest into `out_dir`; returns the manifest.
 
     Samples are drawn in `workers` processes (0 = one per CPU core); shards are written in order
     by this process, so an interrupted run resumes at the first missing shard.
     """
-    items = [(seed, i) for i in range(images)]
+    if style not in SCENE_STYLES:
+        raise ValueError(f"unknown scene style {style!r}; choose from {sorted(SCENE_STYLES)}")
+    items = [(seed, i, style) for i in range(images)]
     source = {"kind": "synthetic", "seed": seed, "images": images}
+    if style != "objects":  # the default's manifest stays as it was, so existing datasets resume
+        source["style"] = style
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return write_dataset(out_dir, items, _synth_item, samples_per_shard, source, prefix="synth")

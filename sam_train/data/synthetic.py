@@ -1,8 +1,13 @@
 """Procedural scenes with SAM's three-level ambiguity: objects made of parts made of subparts.
 
-Each object is a union of 2-3 textured parts, each part carries 0-2 subparts of its own texture;
-later objects occlude earlier ones, and every mask is the *visible* region, as in SA-1B. A click
-on a subpart is therefore genuinely ambiguous between subpart, part and whole object.
+Two styles share one `Scene` type:
+- "objects" (`draw_scene`, the default, what the built-in `tiny` was trained on): each object is
+  a union of 2-3 textured parts, each part carries 0-2 subparts of its own texture; later objects
+  occlude earlier ones, and every mask is the *visible* region, as in SA-1B. A click on a
+  subpart is therefore genuinely ambiguous between subpart, part and whole object.
+- "cells" (`draw_cells`): a microscopy-like domain the built-in model never saw, for the data
+  engine demo: smooth, glowing, wobbly cells on a dark noisy background, grouped in colonies
+  (whole) of cells (part) with a nucleus each (subpart); no stripes, soft edges.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 LEVELS = ("whole", "part", "subpart")
 
@@ -122,3 +128,81 @@ def _paint(rng: np.random.Generator, image: np.ndarray, noise: np.ndarray, box: 
     shade = amplitude * (stripes + noise[box])
     texture = np.clip(color + shade[mask][:, None], 0, 255).astype(np.uint8)
     image[box][mask] = texture
+
+
+def draw_cells(rng: np.random.Generator, height: int, width: int, num_colonies: int | None = None) -> Scene:
+    """Draw one microscopy-like scene: colonies (whole) of touching cells (part), each with a nucleus (subpart)."""
+    if num_colonies is None:
+        num_colonies = int(rng.integers(2, 6))
+    background = rng.uniform(10, 40, size=3).astype(np.float32)
+    glow = _smooth_noise(rng, height, width, cells=6) * 25  # uneven illumination, as under a microscope
+    image = background + (glow + 6 * rng.standard_normal((height, width), dtype=np.float32))[..., None]
+    owner = np.full((height, width), -1, dtype=np.int32)
+    cells: list[tuple[int, Box, np.ndarray, np.ndarray]] = []  # (colony, box, cell and nucleus masks in it)
+    scale = min(height, width)
+    for colony in range(num_colonies):
+        hue = rng.uniform(60, 255, size=3).astype(np.float32) * rng.choice([0.4, 1.0], size=3)
+        cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
+        radius = rng.uniform(0.05, 0.09) * scale
+        for _ in range(int(rng.integers(1, 5))):
+            py, px = cy + rng.normal(0, 0.8) * radius, cx + rng.normal(0, 0.8) * radius
+            r = radius * rng.uniform(0.7, 1.2)
+            box, yy, xx = _window(height, width, py, px, 1.4 * r)
+            cell = _wobbly_disc(rng, yy - py, xx - px, r)
+            if cell.sum() < 64:
+                continue
+            distance = np.sqrt((yy - py) ** 2 + (xx - px) ** 2) / r
+            shade = np.clip(1.1 - 0.5 * distance, 0.3, 1.0)[..., None]  # brighter centre, soft rim
+            texture = hue * shade + 8 * rng.standard_normal((*cell.shape, 1), dtype=np.float32)
+            ny, nx = py + rng.normal(0, 0.15) * r, px + rng.normal(0, 0.15) * r
+            nucleus = _wobbly_disc(rng, yy - ny, xx - nx, r * rng.uniform(0.3, 0.5)) & cell
+            texture[nucleus] = np.clip(hue[::-1] * 0.5 + 120, 0, 255)
+            image[box][cell] = texture[cell]
+            owner[box][cell] = len(cells)  # later cells lie on top
+            cells.append((colony, box, cell, nucleus))
+    scene = Scene(image=np.clip(image, 0, 255).astype(np.uint8))
+    for colony in range(num_colonies):
+        whole = np.zeros((height, width), dtype=bool, order="F")
+        members = 0
+        for k, (col, box, cell, nucleus) in enumerate(cells):
+            if col != colony:
+                continue
+            on_top = owner[box] == k
+            for mask, level in ((cell & on_top, "part"), (nucleus & on_top, "subpart")):
+                if mask.sum() >= 16:
+                    canvas = np.zeros((height, width), dtype=bool, order="F")
+                    canvas[box] = mask
+                    scene.masks.append(canvas)
+                    scene.levels.append(level)
+                    scene.object_ids.append(colony)
+            whole[box] |= cell & on_top
+            members += 1
+        if members > 1 and whole.sum() >= 16:  # a lone cell is its own whole: one mask, not two
+            scene.masks.append(whole)
+            scene.levels.append("whole")
+            scene.object_ids.append(colony)
+    return scene
+
+
+def _window(height: int, width: int, cy: float, cx: float, reach: float) -> tuple[Box, np.ndarray, np.ndarray]:
+    """The image box within `reach` of (cy, cx) and its pixel coordinates (float32 grids)."""
+    y0, y1 = int(np.clip(cy - reach, 0, height)), int(np.clip(cy + reach + 1, 0, height))
+    x0, x1 = int(np.clip(cx - reach, 0, width)), int(np.clip(cx + reach + 1, 0, width))
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    return (slice(y0, y1), slice(x0, x1)), yy, xx
+
+
+def _wobbly_disc(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:
+    """A disc (offsets dy, dx from its centre) whose radius wobbles with the angle, like a cell membrane."""
+    angle = np.arctan2(dy, dx)
+    wobble = sum(rng.uniform(0, 0.12) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    return np.sqrt(dy**2 + dx**2) <= radius * (1 + wobble)
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [-1, 1]: a coarse random grid, bilinearly upsampled."""
+    coarse = rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((width, height), Image.BILINEAR))
+
+
+SCENE_STYLES = {"objects": draw_scene, "cells": draw_cells}

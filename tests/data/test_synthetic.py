@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from sam_train.data.synthetic import LEVELS, draw_scene
+from sam_train.data.synth import synth_sample
+from sam_train.data.synthetic import LEVELS, draw_cells, draw_scene
 
 
 def test_same_seed_same_scene_other_seed_other_scene():
@@ -32,3 +34,33 @@ def test_visible_wholes_do_not_overlap():
     wholes = [m for m, lvl in zip(scene.masks, scene.levels) if lvl == "whole"]
     coverage = np.sum(wholes, axis=0)
     assert coverage.max() == 1, "a pixel is visible on one object only (later objects occlude earlier)"
+
+
+def test_cells_are_deterministic_nested_and_unlike_objects():
+    a = draw_cells(np.random.default_rng(3), 200, 260)
+    b = draw_cells(np.random.default_rng(3), 200, 260)
+    assert np.array_equal(a.image, b.image) and len(a.masks) == len(b.masks) > 0
+    assert set(a.levels) <= set(LEVELS)
+    by_object: dict[int, list[tuple[str, np.ndarray]]] = {}
+    for mask, level, obj in zip(a.masks, a.levels, a.object_ids):
+        assert mask.shape == (200, 260) and mask.sum() >= 16
+        by_object.setdefault(obj, []).append((level, mask))
+    for members in by_object.values():
+        parts = [m for lvl, m in members if lvl == "part"]
+        union = np.any(parts, axis=0) if parts else None
+        for level, mask in members:
+            if level == "subpart":  # a nucleus lies inside a visible cell of its colony
+                assert union is not None and not (mask & ~union).any()
+            if level == "whole":  # a colony is exactly its visible cells
+                assert np.array_equal(mask, union)
+    # Another domain: glowing cells on a dark background, brighter than what surrounds them.
+    background = ~np.any(a.masks, axis=0)
+    assert a.image[background].mean() < 70 < a.image[~background].mean()
+
+
+def test_synth_sample_styles_name_their_keys_and_reject_unknown_styles():
+    key, members = synth_sample(1, 2, style="cells")
+    assert key == "cells_1_00000002" and set(members) == {"jpg", "json"}
+    assert synth_sample(1, 2)[0] == "synth_1_00000002"
+    with pytest.raises(ValueError, match="unknown scene style 'aerial'"):
+        synth_sample(1, 2, style="aerial")
