@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -101,6 +102,108 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_autolabel(args: argparse.Namespace) -> int:
+    from sam_train.config import load_config
+    from sam_train.engine.amg import autolabel_images, list_images
+    from sam_train.model import build_sam
+
+    checkpoint, *rest = args.inputs
+    overrides = [a for a in rest if _is_override(a)]
+    paths = [a for a in rest if not _is_override(a)]
+    if len(paths) < 2:
+        raise ValueError("autolabel needs CKPT, at least one image or folder, and OUT")
+    *sources, out = paths
+    cfg = load_config("autolabel", [f"model={args.model}", *overrides])
+    if checkpoint == "builtin":
+        model = build_sam(cfg.model.name, pretrained=True)
+    else:
+        model = build_sam(cfg.model.name, checkpoint=checkpoint)
+    images = list_images(sources)
+    if not images:
+        raise FileNotFoundError(f"no images in {', '.join(sources)}")
+    result = autolabel_images(model, images, out, cfg, round=cfg.round, semi_automatic=args.semi_automatic)
+    run = result["run"]
+    for item, reason in run["skipped"]:
+        print(f"skipped {item}: {reason}", file=sys.stderr)
+    print(
+        f"{len(images)} images: {run['labelled']} labelled now ({run['masks']} masks), {len(run['skipped'])} skipped;"
+        f" {result['total_samples']} samples in {len(result['shards'])} shards -> {out}"
+    )
+    return 0
+
+
+_OVERRIDE = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][\w.]*=")  # Hydra's key=value, +key=value, ~key=value
+
+
+def _is_override(arg: str) -> bool:
+    """An override (`amg.points_per_side=16`) rather than a path; an existing path always wins."""
+    return _OVERRIDE.match(arg) is not None and not Path(arg).exists()
+
+
+def _cmd_engine_init(args: argparse.Namespace) -> int:
+    from sam_train.engine.loop import Engine, init_workdir
+
+    root = init_workdir(args.workdir, [str(p) for p in args.images], args.overrides)
+    print(Engine(root).status())
+    return 0
+
+
+def _cmd_engine_run(args: argparse.Namespace) -> int:
+    from sam_train.engine.loop import Engine, format_rounds
+
+    engine = Engine(args.workdir)
+    summaries = engine.run(rounds=args.rounds, wait=not args.no_wait)
+    if summaries:
+        print(format_rounds(summaries))
+    print(f"rounds: {engine.root / 'rounds.json'}")
+    return 0
+
+
+def _cmd_engine_status(args: argparse.Namespace) -> int:
+    from sam_train.engine.loop import Engine
+
+    print(Engine(args.workdir).status())
+    return 0
+
+
+def _cmd_engine_ingest(args: argparse.Namespace) -> int:
+    from sam_train.engine.loop import hand_back
+
+    print(f"corrections of this round: {hand_back(args.workdir, args.file, args.format)} (`engine run` ingests them)")
+    return 0
+
+
+def _add_engine_commands(commands: argparse._SubParsersAction) -> None:
+    engine = commands.add_parser(
+        "engine", help="the data-engine loop: init, run, status, ingest (see README: Data engine)"
+    ).add_subparsers(dest="action", required=True)
+    init = engine.add_parser(
+        "init", help="make a work folder: image pool, start model, configs/engine.yaml resolved",
+        description="e.g. `sam-train engine init work --images photos/ data.eval=[held_out_shards]`",
+    )
+    init.add_argument("workdir", type=Path)
+    init.add_argument("--images", nargs="+", type=Path, required=True,
+                      help="image files, folders of images, or shard datasets (only their images are read)")
+    init.add_argument("overrides", nargs="*", help="Hydra overrides of configs/engine.yaml (key=value)")
+    init.set_defaults(func=_cmd_engine_init)
+
+    run = engine.add_parser("run", help="run rounds: train, autolabel, export, annotate, ingest, version, evaluate")
+    run.add_argument("workdir", type=Path)
+    run.add_argument("--rounds", type=int, help="stop after this many rounds (default: the work folder's config)")
+    run.add_argument("--no-wait", action="store_true", help="return instead of waiting for people's corrections")
+    run.set_defaults(func=_cmd_engine_run)
+
+    status = engine.add_parser("status", help="where the loop stands: next step, dataset versions, rounds")
+    status.add_argument("workdir", type=Path)
+    status.set_defaults(func=_cmd_engine_status)
+
+    ingest = engine.add_parser("ingest", help="hand back a corrections file for the current round")
+    ingest.add_argument("workdir", type=Path)
+    ingest.add_argument("file", type=Path)
+    ingest.add_argument("--format", required=True, choices=["coco", "cvat", "labelstudio", "sa1b"])
+    ingest.set_defaults(func=_cmd_engine_ingest)
+
+
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="datasets: synthesise, convert, check, show").add_subparsers(
         dest="action", required=True
@@ -163,10 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
     validate.set_defaults(func=_cmd_validate)
 
+    autolabel = commands.add_parser(
+        "autolabel",
+        help="automatic masks for images -> SA-1B shards (resumable; Hydra overrides of configs/autolabel.yaml)",
+        usage="sam-train autolabel CKPT IMAGES... OUT [--model NAME] [--semi-automatic] [overrides...]",
+        description="CKPT: an official-layout .pth/.safetensors, or `builtin` for the package's pretrained weights."
+        " IMAGES: image files or folders of them (any depth). OUT: the shard folder; rerunning the same command"
+        " resumes it. Overrides, e.g. `amg.points_per_side=16 amg.crop_n_layers=1 round=2`. The built-in tiny"
+        " predicts IoUs of ~0.2-0.5: pass e.g. `amg.pred_iou_thresh=0.3 amg.stability_score_thresh=0.5` with it.",
+    )
+    autolabel.add_argument("inputs", nargs="+", metavar="CKPT IMAGES... OUT [overrides]")
+    autolabel.add_argument("--model", default="tiny", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny")
+    autolabel.add_argument(
+        "--semi-automatic", action="store_true",
+        help="keep only confident masks (configs/autolabel.yaml semi_automatic) and record the uncovered area",
+    )
+    autolabel.set_defaults(func=_cmd_autolabel)
+
     models = commands.add_parser("models", help="list the named model configurations")
     models.set_defaults(func=_cmd_models)
 
     _add_data_commands(commands)
+    _add_engine_commands(commands)
 
     checkpoint = commands.add_parser("checkpoint", help="checkpoint conversion").add_subparsers(dest="action", required=True)
     export = checkpoint.add_parser(
@@ -181,7 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sam-train` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, trailing = parser.parse_known_args(argv)
+    # argparse gives positionals that follow an option (`OUT --semi-automatic amg.x=1`) no home;
+    # commands that take a free list of inputs collect them.
+    if trailing and (not hasattr(args, "inputs") or any(t.startswith("-") for t in trailing)):
+        parser.error(f"unrecognized arguments: {' '.join(trailing)}")
+    if trailing:
+        args.inputs += trailing
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

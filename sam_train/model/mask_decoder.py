@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sam_train.model.common import MLP, LayerNorm2d
@@ -51,7 +52,7 @@ class MaskDecoder(nn.Module):
         masks, iou_pred = self.predict_all_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_index
         )
-        keep = slice(1, None) if multimask_output else slice(0, 1)
+        keep = self._mask_slice(multimask_output)
         return masks[:, keep], iou_pred[:, keep]
 
     def predict_all_masks(
@@ -97,3 +98,84 @@ class MaskDecoder(nn.Module):
         b, c, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.flatten(2)).view(b, -1, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def predict_one_image(
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embedding: torch.Tensor,
+        multimask_output: bool,
+        mask_size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for N prompts on one image with one dense prompt (e.g. the point grid of
+        automatic mask generation), a few times cheaper: N x K x h' x w' logits and N x K IoU.
+
+        `image_embedding` and `dense_prompt_embedding` are 1 x C x h x w. `mask_size` (h', w')
+        asks for the top-left corner of the 4h x 4w low-res grid only (the rest covers padding).
+        Equal to `forward` up to float rounding. The steps are public so that a caller can drop
+        prompts by their predicted IoU before paying for their masks.
+        """
+        tokens, image_tokens = self.attend_one_image(image_embedding, image_pe, sparse_prompt_embeddings, dense_prompt_embedding)
+        masks = self.masks_from_tokens(tokens, image_tokens, multimask_output, mask_size)
+        return masks, self.iou_from_tokens(tokens, multimask_output)
+
+    def attend_one_image(
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embedding: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer for N prompts on one image, never copying the image per prompt:
+        (N x T x C output tokens, N x h x w x C image tokens)."""
+        n = sparse_prompt_embeddings.shape[0]
+        src = image_embedding + dense_prompt_embedding  # 1 x C x h x w, shared by every prompt
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings], dim=1)
+        tokens, image_tokens = self.transformer.forward_one_image(src, image_pe, tokens)
+        return tokens, image_tokens.view(n, *src.shape[2:], -1)
+
+    def iou_from_tokens(self, tokens: torch.Tensor, multimask_output: bool) -> torch.Tensor:
+        """N x K predicted IoU from `attend_one_image`'s output tokens."""
+        return self.iou_prediction_head(tokens[:, 0])[:, self._mask_slice(multimask_output)]
+
+    def masks_from_tokens(
+        self,
+        tokens: torch.Tensor,
+        image_tokens: torch.Tensor,
+        multimask_output: bool,
+        mask_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """N x K x h' x w' low-res logits from `attend_one_image`'s output (see `predict_one_image`)."""
+        n, h, w, _ = image_tokens.shape
+        out_h, out_w = mask_size if mask_size is not None else (4 * h, 4 * w)
+        # Upscaling is 4 x 4 per embedding cell and never mixes cells: upscale only the cells
+        # under the requested corner.
+        rows, cols = -(-out_h // 4), -(-out_w // 4)
+        kept = range(self.num_mask_tokens)[self._mask_slice(multimask_output)]
+        hyper_in = torch.stack([self.output_hypernetworks_mlps[i](tokens[:, 1 + i]) for i in kept], dim=1)  # N x K x C/8
+        pixels = self._upscale_channels_last(image_tokens[:, :rows, :cols])  # N x rows x cols x 2 x 2 x 2 x 2 x C/8
+        masks = torch.bmm(pixels.view(n, -1, pixels.shape[-1]), hyper_in.transpose(1, 2))  # N x pixels x K
+        # Sub-pixel (a, b) of cell (i, j) then (a2, b2) of that: row 4i + 2a + a2, column 4j + 2b + b2.
+        masks = masks.view(n, rows, cols, 2, 2, 2, 2, len(kept)).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(n, len(kept), 4 * rows, 4 * cols)[..., :out_h, :out_w]
+
+    @staticmethod
+    def _mask_slice(multimask_output: bool) -> slice:
+        # Token 0 is the single-mask output; tokens 1..3 the three nested ones.
+        return slice(1, None) if multimask_output else slice(0, 1)
+
+    def _upscale_channels_last(self, cells: torch.Tensor) -> torch.Tensor:
+        """`output_upscaling` on N x r x c x C cells, kept channels-last: each stride-2 2 x 2
+        transposed convolution is one matrix product and the norm is a single `layer_norm` over
+        the last axis, instead of convolutions with layout changes and a multi-pass norm."""
+        up1, norm, _, up2, _ = self.output_upscaling
+        mid, out = up1.out_channels, up2.out_channels
+        # ConvTranspose2d weight: C_in x C_out x 2 x 2 -> C_in x (2 x 2 x C_out), bias per sub-pixel.
+        w1 = up1.weight.permute(0, 2, 3, 1).reshape(up1.in_channels, 4 * mid)
+        x = torch.addmm(up1.bias.repeat(4), cells.reshape(-1, cells.shape[-1]), w1)
+        x = F.gelu(F.layer_norm(x.view(-1, mid), (mid,), norm.weight, norm.bias, norm.eps))
+        w2 = up2.weight.permute(0, 2, 3, 1).reshape(mid, 4 * out)
+        x = F.gelu(torch.addmm(up2.bias.repeat(4), x, w2))
+        return x.view(*cells.shape[:3], 2, 2, 2, 2, out)

@@ -31,6 +31,66 @@ class Attention(nn.Module):
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 
+    # Many prompts on one image: the image side has L = 4096 tokens, the prompt side T ~ 7 per
+    # prompt. Projecting L tokens costs L x C x D per prompt; the rewrites below reorder the same
+    # products so that the per-prompt work is L x C x (heads x T) instead (56 vs 128 columns), and
+    # an image shared by every prompt is projected once. Mathematically equal to `forward`.
+
+    def _head_weights(self, proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """A projection's weight as heads x d x C and bias as heads x d."""
+        return proj.weight.view(self.num_heads, -1, proj.in_features), proj.bias.view(self.num_heads, -1)
+
+    def attend_to_image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`forward` for N x T x C prompt tokens attending to L image tokens, `k`/`v` L x C (one image) or N x L x C."""
+        n, t, _ = q.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        qh = self._split_heads(self.q_proj(q)) * d**-0.5  # N x heads x T x d
+        if k.dim() == 2:  # one image for all prompts: project it once, heads as the batch
+            kh = self.k_proj(k).view(-1, heads, d).permute(1, 2, 0)  # heads x d x L
+            vh = self.v_proj(v).view(-1, heads, d).transpose(0, 1)  # heads x L x d
+            p = torch.bmm(qh.transpose(0, 1).reshape(heads, n * t, d), kh).softmax(-1)  # heads x NT x L
+            out = torch.bmm(p, vh).view(heads, n, t, d).permute(1, 2, 0, 3)
+        else:
+            # Fold each head's query into the key weights; the key bias shifts a query's scores
+            # by a constant, which softmax ignores.
+            wk, _ = self._head_weights(self.k_proj)
+            folded = torch.einsum("nhtd,hdc->nhtc", qh, wk).reshape(n, heads * t, -1)
+            p = torch.bmm(folded, k.transpose(1, 2)).softmax(-1)  # N x (heads T) x L
+            # Weight the image before projecting it; rows of p sum to 1, so the bias passes unchanged.
+            wv, bv = self._head_weights(self.v_proj)
+            pv = torch.bmm(p, v).view(n, heads, t, -1)  # N x heads x T x C
+            out = torch.einsum("nhtc,hdc->nthd", pv, wv) + bv
+        return self.out_proj(out.reshape(n, t, self.internal_dim))
+
+    def attend_to_tokens(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`residual + forward(q, k, v)` for L image tokens (`q` L x C for one image, or N x L x C)
+        attending to N x T x C prompt tokens; the residual is added in the same pass."""
+        n, t, _ = k.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        kh = self._split_heads(self.k_proj(k)) * d**-0.5  # N x heads x T x d
+        vh = self._split_heads(self.v_proj(v))
+        # Scores are laid out N x heads x T x L: softmax over T then runs along contiguous L rows.
+        if q.dim() == 2:  # one image: project it once, heads as the batch
+            qh = self.q_proj(q).view(-1, heads, d).permute(1, 2, 0)  # heads x d x L
+            scores = torch.bmm(kh.transpose(0, 1).reshape(heads, n * t, d), qh)  # heads x NT x L
+            p = scores.view(heads, n, t, -1).softmax(2).transpose(0, 1).reshape(n, heads * t, -1)
+        else:
+            # Fold the keys into each head's query weights: (q W_q^T + b_q) k^T = q (W_q^T k^T) + b_q k^T.
+            wq, bq = self._head_weights(self.q_proj)
+            folded = torch.einsum("hdc,nhtd->nhtc", wq, kh).reshape(n, heads * t, -1)
+            bias = torch.einsum("hd,nhtd->nht", bq, kh).reshape(n, heads * t, 1)
+            scores = torch.baddbmm(bias, folded, q.transpose(1, 2))  # N x (heads T) x L
+            p = scores.view(n, heads, t, -1).softmax(2).view(n, heads * t, -1)
+        # out_proj(p v) = p (v W_o^T) + b_o: project the T values, not the L outputs. Each image
+        # token's weights sum to 1 per head, so b_o / heads on every projected value adds b_o.
+        wo = self.out_proj.weight.view(-1, heads, d)  # C x heads x d
+        values_out = torch.einsum("nhtd,chd->nhtc", vh, wo).reshape(n, heads * t, -1) + self.out_proj.bias / heads
+        if residual is None:
+            return torch.bmm(p.transpose(1, 2), values_out)
+        return torch.baddbmm(residual, p.transpose(1, 2), values_out)
+
 
 class MLPBlock(nn.Module):
     """Two-layer MLP of the attention blocks (`lin1`/`lin2` as in Meta's checkpoints)."""
@@ -62,8 +122,14 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        one_image: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`one_image`: `keys` and `key_pe` may be L x C, shared by all prompts (see `Attention.attend_to_image`)."""
         # The first layer's queries *are* the prompt embeddings (PE included), so it replaces
         # rather than adds, exactly as SAM was trained.
         if self.skip_first_layer_pe:
@@ -74,11 +140,17 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        if one_image:
+            queries = self.norm2(queries + self.cross_attn_token_to_image.attend_to_image(q, k, keys))
+        else:
+            queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
 
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        q = queries + query_pe  # the image tokens have not changed since `k` was formed
+        if one_image:
+            keys = self.norm4(self.cross_attn_image_to_token.attend_to_tokens(k, q, queries, residual=keys))
+        else:
+            keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
         return queries, keys
 
 
@@ -107,4 +179,17 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, key_pe)
         q, k = queries + point_embedding, keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+        return queries, keys
+
+    def forward_one_image(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for N prompts on one 1 x C x h x w image, never copying the image per prompt."""
+        keys = image_embedding[0].flatten(1).t()  # L x C, shared until the first block updates it
+        key_pe = image_pe[0].flatten(1).t()
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, point_embedding, key_pe, one_image=True)
+        q, k = queries + point_embedding, keys + key_pe
+        queries = self.norm_final_attn(queries + self.final_attn_token_to_image.attend_to_image(q, k, keys))
         return queries, keys

@@ -58,3 +58,38 @@ def test_ambiguous_image_count_is_refused(tiny_pair):
     sparse, dense = _prompts(model, n=5)
     with pytest.raises(ValueError, match="2 image embeddings for 5 prompts"):
         model.mask_decoder(torch.randn(2, 128, 16, 16), model.prompt_encoder.get_dense_pe(), sparse, dense, True)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_one_image_path_matches_meta(tiny_pair, multimask):
+    # Automatic mask generation decodes many prompts on one image: no per-prompt copy of the
+    # image, low-rank attention, masks for a corner of the grid only. Same numbers as Meta's.
+    ours, meta = tiny_pair
+    embeddings = torch.randn(1, 128, 16, 16)
+    sparse, dense = _prompts(ours, n=5)
+    pe = ours.prompt_encoder.get_dense_pe()
+    want_masks, want_iou = meta.mask_decoder(embeddings, pe, sparse, dense, multimask)
+    masks, iou = ours.mask_decoder.predict_one_image(embeddings, pe, sparse, dense[:1], multimask)
+    torch.testing.assert_close(masks, want_masks, atol=TOL, rtol=0)
+    torch.testing.assert_close(iou, want_iou, atol=TOL, rtol=0)
+    corner, _ = ours.mask_decoder.predict_one_image(embeddings, pe, sparse, dense[:1], multimask, mask_size=(37, 50))
+    torch.testing.assert_close(corner, want_masks[..., :37, :50], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_low_rank_attention_equals_plain_attention(tiny_pair, shared):
+    attention = tiny_pair[0].mask_decoder.transformer.layers[1].cross_attn_image_to_token
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(4, 7, 128, generator=g)
+    image = torch.randn(1 if shared else 4, 64, 128, generator=g)
+    image_arg = image[0] if shared else image  # one image is passed as L x C
+    torch.testing.assert_close(
+        attention.attend_to_image(tokens, image_arg, image_arg), attention(tokens, image.expand(4, -1, -1), image.expand(4, -1, -1)),
+        atol=TOL, rtol=0,
+    )
+    residual = torch.randn(64, 128, generator=g)
+    torch.testing.assert_close(
+        attention.attend_to_tokens(image_arg, tokens, tokens, residual=residual),
+        residual + attention(image.expand(4, -1, -1), tokens, tokens),
+        atol=TOL, rtol=0,
+    )

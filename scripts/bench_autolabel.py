@@ -1,0 +1,171 @@
+"""Automatic mask generation, ours vs Meta's SamAutomaticMaskGenerator: same vit_b weights, same photo, same settings, one process.
+
+Prints, for each: masks found, end-to-end seconds, image-encoder seconds, decoder-side seconds
+(everything but the encoder: prompts, mask decoder, upsampling, filters, NMS, RLE) and, inside
+that, the mask-decoder network alone; then the fraction of Meta's masks that ours matches at
+IoU >= 0.95 (a mask from the same prompt point, else any of ours) and the decoder-side speed-up.
+
+Weights are random, built by Meta's `sam_model_registry["vit_b"]()` (seed 0), saved once and
+loaded by both. Two departures from a plain random init, both for realism: each transposed
+convolution of the mask upscaling gets one random kernel for all 4 sub-pixels (independent ones
+make every untrained mask a 4-pixel checkerboard, whose run-length encoding dominates Meta's
+time as no trained model's masks would), and the filters are relaxed so masks survive: random
+logits stay within +-1, so every stability score (threshold +-1) is 0 and, as every mask spans
+the image, box NMS would keep one. Defaults therefore turn off the IoU, stability and NMS
+filters, i.e. every mask of every prompt is compared. Meta's small-region cleaning needs OpenCV
+(absent here), so `min_mask_region_area` is 0 for both.
+
+    nice -n 19 python scripts/bench_autolabel.py                    # 32 x 32 points, no crops
+    nice -n 19 python scripts/bench_autolabel.py --crop-n-layers 1 --points-per-side 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+
+from sam_train.data.synthetic import draw_scene
+from sam_train.engine.amg import AmgSettings, generate_masks
+from sam_train.model import build_sam
+from sam_train.predictor import SamPredictor
+
+DEFAULT_PHOTO = Path(__file__).resolve().parents[2] / "shared" / "images" / "dog.jpg"
+MATCH_IOU = 0.95
+
+
+class Stopwatch:
+    """Accumulates the time spent in wrapped callables."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+
+def random_vit_b(path: Path) -> None:
+    """Meta's randomly initialised vit_b, one kernel per upscaling convolution for all sub-pixels, saved to `path`."""
+    torch.manual_seed(0)
+    model = sam_model_registry["vit_b"]()
+    with torch.no_grad():
+        for conv in (model.mask_decoder.output_upscaling[0], model.mask_decoder.output_upscaling[3]):
+            conv.weight.copy_(conv.weight[..., :1, :1].expand_as(conv.weight))
+    torch.save(model.state_dict(), path)
+
+
+def matched_fraction(theirs: list[dict], ours: list[dict]) -> tuple[float, int]:
+    """(fraction of `theirs` with a mask of `ours` at IoU >= MATCH_IOU, how many of theirs are empty and left out)."""
+    def rle(ann: dict) -> dict:
+        seg = ann["segmentation"]
+        return {"size": seg["size"], "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]}
+
+    by_point: dict[tuple, list[int]] = {}
+    for k, ann in enumerate(ours):
+        by_point.setdefault(tuple(np.round(ann["point_coords"][0], 3)), []).append(k)
+    our_rles = [rle(a) for a in ours]
+    nonempty = [a for a in theirs if a["area"] > 0]
+    matched = 0
+    for ann in nonempty:
+        same_point = by_point.get(tuple(np.round(ann["point_coords"][0], 3)), [])
+        for candidates in (same_point, range(len(ours))):
+            if candidates and mask_utils.iou([rle(ann)], [our_rles[k] for k in candidates], [0] * len(candidates)).max() >= MATCH_IOU:
+                matched += 1
+                break
+    return matched / max(len(nonempty), 1), len(theirs) - len(nonempty)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO)
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--points-per-batch", type=int, default=64)
+    parser.add_argument("--crop-n-layers", type=int, default=0)
+    parser.add_argument("--crop-n-points-downscale-factor", type=int, default=1)
+    parser.add_argument("--pred-iou-thresh", type=float, default=0.0)
+    parser.add_argument("--stability-score-thresh", type=float, default=0.0)
+    parser.add_argument("--box-nms-thresh", type=float, default=1.0)
+    parser.add_argument("--crop-nms-thresh", type=float, default=0.7)
+    args = parser.parse_args()
+
+    if args.photo.is_file():
+        image = np.asarray(Image.open(args.photo).convert("RGB"))
+        source = args.photo.name
+    else:
+        image = draw_scene(np.random.default_rng(0), 534, 800).image
+        source = f"synthetic scene ({args.photo} not found)"
+    settings = dict(
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        stability_score_offset=1.0,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        crop_nms_thresh=args.crop_nms_thresh,
+        crop_overlap_ratio=512 / 1500,
+        crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
+        min_mask_region_area=0,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "sam_vit_b_random.pth"
+        random_vit_b(checkpoint)
+        meta_model = sam_model_registry["vit_b"](checkpoint=str(checkpoint)).eval()
+        our_model = build_sam("vit_b", checkpoint=checkpoint).eval()
+
+    print(f"vit_b (random weights), CPU with {torch.get_num_threads()} threads, {source} {image.shape[1]}x{image.shape[0]}")
+    print(f"{settings['points_per_side']}^2 points, {settings['crop_n_layers']} crop layers, batches of"
+          f" {settings['points_per_batch']}; pred_iou_thresh {settings['pred_iou_thresh']},"
+          f" stability_score_thresh {settings['stability_score_thresh']}, box_nms_thresh {settings['box_nms_thresh']}")
+
+    # Meta: time its predictor's set_image (the encoder) and its mask decoder's forward.
+    meta = SamAutomaticMaskGenerator(meta_model, output_mode="coco_rle", **settings)
+    meta_encoder, meta_decoder = Stopwatch(), Stopwatch()
+    meta.predictor.set_image = meta_encoder.wrap(meta.predictor.set_image)
+    meta_model.mask_decoder.forward = meta_decoder.wrap(meta_model.mask_decoder.forward)
+    start = time.perf_counter()
+    theirs = meta.generate(image)
+    meta_total = time.perf_counter() - start
+
+    ours_settings = AmgSettings(**settings, crop_edge_margin=20.0, max_mask_coverage=None)
+    our_encoder, our_decoder = Stopwatch(), Stopwatch()
+    SamPredictor.set_image = our_encoder.wrap(SamPredictor.set_image)
+    for step in ("attend_one_image", "iou_from_tokens", "masks_from_tokens"):
+        setattr(our_model.mask_decoder, step, our_decoder.wrap(getattr(our_model.mask_decoder, step)))
+    start = time.perf_counter()
+    ours = generate_masks(our_model, image, ours_settings)
+    our_total = time.perf_counter() - start
+
+    fraction, empty = matched_fraction(theirs, ours)
+    rows = [
+        ("masks", len(theirs), len(ours), "{:d}"),
+        ("end-to-end (s)", meta_total, our_total, "{:.1f}"),
+        ("image encoder (s)", meta_encoder.seconds, our_encoder.seconds, "{:.1f}"),
+        ("decoder side (s)", meta_total - meta_encoder.seconds, our_total - our_encoder.seconds, "{:.1f}"),
+        ("  mask decoder net (s)", meta_decoder.seconds, our_decoder.seconds, "{:.1f}"),
+    ]
+    print(f"{'':24}{'Meta':>10}{'ours':>10}{'Meta/ours':>11}")
+    for label, theirs_value, ours_value, fmt in rows:
+        ratio = f"{theirs_value / ours_value:10.2f}x" if label != "masks" and ours_value else ""
+        print(f"{label:24}{fmt.format(theirs_value):>10}{fmt.format(ours_value):>10}{ratio}")
+    note = f" ({empty} empty masks of Meta's left out)" if empty else ""
+    print(f"Meta's masks matched by ours at IoU >= {MATCH_IOU}: {100 * fraction:.2f}%{note}")
+
+
+if __name__ == "__main__":
+    main()
