@@ -30,6 +30,9 @@ from sam_train.geometry import scale_coords
 from sam_train.predictor import SamPredictor
 
 
+SESSIONS_PER_BATCH = 6  # objects clicked together: enough to batch the decoder, few enough to stop at the budget
+
+
 @dataclass(frozen=True)
 class AnnotatorConfig:
     """How demanding and how patient the simulated person is (values: configs/engine/*.yaml)."""
@@ -66,18 +69,27 @@ def review_image(
     kept = [ids[m] for t, (m, iou) in match.items() if iou >= cfg.accept_iou]
     work = [(t, ids[match[t][0]] if t in match else None) for t in range(len(truth))
             if t not in match or match[t][1] < cfg.accept_iou]
-    results = _click_sessions(predictor, image, [truth[t] for t, _ in work],
-                              [model_points.get(k) if k is not None else None for _, k in work], cfg)
+    if work:
+        predictor.set_image(image)
     corrected, added, clicks, painted = {}, [], 0, 0
-    for (t, model_id), (mask, used, was_painted) in zip(work, results):
-        if clicks + used > cfg.clicks_per_image:
-            break  # out of time: later (smaller) objects stay unlabelled; their model masks go below
-        clicks += used
-        painted += was_painted
-        if model_id is None:
-            added.append(mask)
+    # Objects in batches of a few sessions (one decoder pass per click for the batch), in the
+    # person's order, until the click budget runs out: later objects are never clicked at all.
+    for start in range(0, len(work), SESSIONS_PER_BATCH):
+        batch = work[start : start + SESSIONS_PER_BATCH]
+        results = _click_sessions(predictor, [truth[t] for t, _ in batch],
+                                  [model_points.get(k) if k is not None else None for _, k in batch], cfg)
+        for (t, model_id), (mask, used, was_painted) in zip(batch, results):
+            if clicks + used > cfg.clicks_per_image:
+                break  # out of time: this and later (smaller) objects stay unlabelled; their model masks go
+            clicks += used
+            painted += was_painted
+            if model_id is None:
+                added.append(mask)
+            else:
+                corrected[model_id] = mask
         else:
-            corrected[model_id] = mask
+            continue
+        break
     deleted = [k for k in ids if k not in kept and k not in corrected]
     return Review(kept, corrected, deleted, added, clicks, painted)
 
@@ -102,12 +114,12 @@ def _match(truth: list[np.ndarray], masks: list[np.ndarray], min_iou: float) -> 
 
 @torch.no_grad()
 def _click_sessions(
-    predictor: SamPredictor, image: np.ndarray, targets: list[np.ndarray],
+    predictor: SamPredictor, targets: list[np.ndarray],
     first_points: list[tuple[float, float] | None], cfg: AnnotatorConfig,
 ) -> list[tuple[np.ndarray, int, bool]]:
     """Click each target until the tool's mask is accepted: (final full-size mask, clicks spent, painted) each.
 
-    All targets of the image run as one batch on the cached embedding; every unfinished session
+    The targets run as one batch on the image's cached embedding; every unfinished session
     takes one click per step, so the active sessions always hold the same number of points. A
     target with a first point (the model's grid point of the mask being corrected) starts from
     it for free.
@@ -115,7 +127,6 @@ def _click_sessions(
     if not targets:
         return []
     model = predictor.model
-    predictor.set_image(image)
     h, w = predictor.input_size
     goal = torch.from_numpy(np.stack(targets))[:, None].float()
     goal = F.interpolate(goal, (h, w), mode="nearest")[:, 0] > 0.5  # N x h x w on the input grid

@@ -1,0 +1,112 @@
+"""The data-engine loop end to end on a miniature: rounds, immutable versions, exact ingestion, kill -9 anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from sam_train.data.shards import iter_raw_samples, read_manifest, resolve_shards
+from sam_train.data.synth import synth_dataset
+from sam_train.engine import brush_rle
+from sam_train.engine.loop import CRASH_ENV, STEPS, Engine, init_workdir
+
+# Seconds, not minutes: a 4 x 4 grid, 2 training steps, 3 images a round.
+MINIATURE = [
+    "images_per_round=3",
+    "rounds=2",
+    "autolabel.overrides=['amg.points_per_side=4','amg.pred_iou_thresh=0','amg.stability_score_thresh=0']",
+    "train.overrides=['experiment=engine_round','total_steps=2','data.batch_size=2']",
+    "annotator.max_clicks=3",
+    "annotator.clicks_per_image=12",
+]
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cells")
+    synth_dataset(root / "pool", images=6, seed=1, samples_per_shard=4, workers=1, style="cells")
+    synth_dataset(root / "eval", images=3, seed=2, samples_per_shard=4, workers=1, style="cells")
+    return {"pool": root / "pool", "eval": root / "eval"}
+
+
+def overrides(domain: dict[str, Path]) -> list[str]:
+    return [*MINIATURE, f"data.truth=[{domain['pool']}]", f"data.eval=[{domain['eval']}]"]
+
+
+@pytest.fixture(scope="module")
+def finished(domain, tmp_path_factory) -> Engine:
+    """An uninterrupted 2-round loop: the reference the interrupted one must reproduce."""
+    root = init_workdir(tmp_path_factory.mktemp("engine") / "work", [domain["pool"]], overrides(domain))
+    engine = Engine(root)
+    engine.run(log=lambda line: None)
+    return engine
+
+
+def labels(engine: Engine, version: str) -> dict[str, list[tuple]]:
+    """key -> its annotations (id, RLE counts, who made it, what it corrects) in a dataset version."""
+    out = {}
+    for shard in resolve_shards([engine.root / "versions" / version]):
+        for sample in iter_raw_samples(shard.url):
+            record = json.loads(sample.members["json"])
+            out[sample.key] = [(a["id"], a["segmentation"]["counts"], a["provenance"]["source"],
+                                a["provenance"].get("corrects")) for a in record["annotations"]]
+    return out
+
+
+def test_rounds_versions_and_exact_ingestion(finished):
+    engine = finished
+    summaries = json.loads((engine.root / "rounds.json").read_text())
+    assert [s["round"] for s in summaries] == [1, 2]
+    assert all(0 <= s["miou_1click"] <= 1 and s["images"] == 3 for s in summaries)
+    assert [read_manifest(engine.version_dir(v))["total_samples"] for v in (0, 1, 2)] == [0, 3, 6]
+    v1, v2 = labels(engine, "v001"), labels(engine, "v002")
+    assert set(v1) <= set(v2) and all(v2[k] == v for k, v in v1.items()), "a version extends its parent unchanged"
+    assert set(v2) == set(engine.keys), "each pool image is labelled once, in its round"
+    # The labels hold exactly what the (simulated) person submitted: their brush masks, and no model mask they deleted.
+    for r in (1, 2):
+        for key in engine.round_keys(r):
+            submitted = json.loads((engine.round_dir(r) / "annotator" / f"{key}.json").read_text())["result"]
+            record_masks = {counts for _, counts, _, _ in v2[key]}
+            height, width = engine.image(key).shape[:2]
+            want = {mask_utils.encode(np.asfortranarray(brush_rle.decode(res["value"]["rle"], height, width)
+                                                        .astype(np.uint8)))["counts"].decode() for res in submitted}
+            assert record_masks == want, f"round {r} image {key}: labels differ from the submitted annotation"
+    # Provenance: people's masks name the annotator and round; corrections name the model mask they replace.
+    for r in (1, 2):
+        for line in (engine.round_dir(r) / "edits.jsonl").read_text().splitlines():
+            edit = json.loads(line)
+            assert edit["provenance"]["source"] == "human" and edit["provenance"]["round"] == r
+            assert edit["provenance"]["annotator"] == "simulated-annotator"
+    assert "round 3, step train" in engine.status()
+
+
+def test_kill_9_at_every_step_loses_and_duplicates_nothing(domain, finished, tmp_path):
+    root = init_workdir(tmp_path / "work", [domain["pool"]], overrides(domain))
+    points = [f"2:{step}:end" for step in STEPS] + ["1:autolabel:start", "2:annotate:item"]
+    run = [sys.executable, "-m", "sam_train.cli", "engine", "run", str(root)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    for point in sorted(points, key=lambda p: (p[0], STEPS.index(p.split(":")[1]), p)):
+        done = subprocess.run(run, env={**env, CRASH_ENV: point}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == -9, f"{point}: expected to be killed, got {done.returncode}\n{done.stderr[-2000:]}"
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    engine = Engine(root)
+    assert labels(engine, "v002") == labels(finished, "v002"), "the interrupted loop made exactly the same dataset"
+    assert json.loads((root / "rounds.json").read_text()) == json.loads((finished.root / "rounds.json").read_text())
+    journal = [e for e in engine.journal.entries() if e["event"] == "done"]
+    assert len(journal) == len({(e["round"], e["step"]) for e in journal}), "no step finished twice"
+
+
+def test_init_refuses_a_used_folder_and_keys_that_clash(domain, tmp_path):
+    with pytest.raises(ValueError, match="is not empty"):
+        init_workdir(domain["pool"], [domain["pool"]], overrides(domain))
+    with pytest.raises(ValueError, match="appears twice"):
+        init_workdir(tmp_path / "work", [domain["pool"], domain["pool"]], overrides(domain))
+    assert not (tmp_path / "work").exists(), "a failed init leaves nothing behind"
