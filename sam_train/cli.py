@@ -143,7 +143,10 @@ def _is_override(arg: str) -> bool:
 def _cmd_engine_init(args: argparse.Namespace) -> int:
     from sam_train.engine.loop import Engine, init_workdir
 
-    root = init_workdir(args.workdir, [str(p) for p in args.images], args.overrides)
+    # `--images a b key=value`: argparse gives the overrides after --images to it; they are overrides all the same.
+    images = [str(p) for p in args.images if not _is_override(str(p))]
+    overrides = [*args.overrides, *(str(p) for p in args.images if _is_override(str(p)))]
+    root = init_workdir(args.workdir, images, overrides, args.config)
     print(Engine(root).status())
     return 0
 
@@ -182,9 +185,10 @@ def _add_engine_commands(commands: argparse._SubParsersAction) -> None:
         description="e.g. `sam-train engine init work --images photos/ data.eval=[held_out_shards]`",
     )
     init.add_argument("workdir", type=Path)
-    init.add_argument("--images", nargs="+", type=Path, required=True,
+    init.add_argument("--images", nargs="+", required=True,
                       help="image files, folders of images, or shard datasets (only their images are read)")
-    init.add_argument("overrides", nargs="*", help="Hydra overrides of configs/engine.yaml (key=value)")
+    init.add_argument("--config", default="engine", help="a configs/ file: engine (default) or engine_demo")
+    init.add_argument("overrides", nargs="*", help="Hydra overrides of the config (key=value)")
     init.set_defaults(func=_cmd_engine_init)
 
     run = engine.add_parser("run", help="run rounds: train, autolabel, export, annotate, ingest, version, evaluate")

@@ -58,8 +58,10 @@ class WaitingForPeople(Exception):
 # The work folder.
 
 
-def init_workdir(root: str | os.PathLike, images: list[str | os.PathLike], overrides: list[str] | None = None) -> Path:
-    """Create an engine work folder: config, image pool, initial model, empty version v000.
+def init_workdir(
+    root: str | os.PathLike, images: list[str | os.PathLike], overrides: list[str] | None = None, config: str = "engine"
+) -> Path:
+    """Create an engine work folder from `configs/<config>.yaml`: config, image pool, initial model, empty version v000.
 
     `images` are image files, folders of images, or dataset folders of shards (only their images
     are read: labels in them stay hidden from the loop). Built in a temporary sibling and renamed
@@ -68,7 +70,7 @@ def init_workdir(root: str | os.PathLike, images: list[str | os.PathLike], overr
     root = Path(root).resolve()
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"{root} exists and is not empty: an engine work folder is made once (use `engine run`)")
-    cfg = load_config("engine", overrides)
+    cfg = load_config(config, overrides)
     for name in ("truth", "eval"):  # paths are stored absolute: the loop may run from anywhere
         cfg.data[name] = [str(Path(p).resolve()) for p in cfg.data[name] or []]
     root.parent.mkdir(parents=True, exist_ok=True)
