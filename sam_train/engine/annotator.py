@@ -78,7 +78,7 @@ def review_image(
         batch = work[start : start + SESSIONS_PER_BATCH]
         results = _click_sessions(predictor, [truth[t] for t, _ in batch],
                                   [model_points.get(k) if k is not None else None for _, k in batch], cfg)
-        for (t, model_id), (mask, used, was_painted) in zip(batch, results):
+        for (_, model_id), (mask, used, was_painted) in zip(batch, results):
             if clicks + used > cfg.clicks_per_image:
                 break  # out of time: this and later (smaller) objects stay unlabelled; their model masks go
             clicks += used

@@ -32,9 +32,8 @@ from sam_train.engine.formats import (
     parse_sam_id,
     parse_time,
 )
-from sam_train.engine.records import Prompt, Provenance, now_iso
+from sam_train.engine.records import NEGATIVE_LABELS, Prompt, Provenance, now_iso
 
-NEGATIVE_LABELS = frozenset({"negative", "background"})  # <points> labels that mean "not this object"
 _PROMPT_SHAPES = ("box", "points")
 
 

@@ -33,9 +33,9 @@ class Journal:
                 continue
             try:
                 out.append(json.loads(line))
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as exc:
                 if number < len(lines) - 1:  # only the last line can be torn by a crash
-                    raise ValueError(f"{self.path}:{number}: corrupt journal line (not the last one): {line[:80]!r}")
+                    raise ValueError(f"{self.path}:{number}: corrupt journal line (not the last one): {line[:80]!r}") from exc
         return out
 
     def append(self, event: str, round: int, step: str, **outputs: object) -> None:

@@ -39,15 +39,15 @@ from typing import Any
 import numpy as np
 
 from sam_train.data import rle as coco_rle
+from sam_train.data.convert import coco_mask
 from sam_train.data.sa1b import validate_record
 from sam_train.engine import brush_rle
-from sam_train.engine.records import Edit, Prompt, Provenance
+from sam_train.engine.records import NEGATIVE_LABELS, Edit, Prompt, Provenance
 
 # Tag names of LABEL_CONFIG: results name them in from_name / to_name.
 IMAGE, MASK, BOX, POINT = "image", "mask", "box", "point"
 MASK_LABEL = "object"
 POSITIVE, NEGATIVE = "positive", "negative"
-NEGATIVE_LABELS = frozenset({"negative", "background"})  # keypoint labels that mean "not this object"
 REGION_PREFIX = "m"  # model region ids are REGION_PREFIX + annotation id
 RESULT_TYPES = {MASK: "brushlabels", BOX: "rectanglelabels", POINT: "keypointlabels"}
 
@@ -138,7 +138,7 @@ def record_to_task(record: dict, image_url: str, key: str, round: int) -> dict:
         if not isinstance(score, Real):
             raise ValueError(f"{key}: annotation {ann_id} has no numeric predicted_iou")
         try:
-            mask = coco_to_mask(ann.get("segmentation"), height, width)
+            mask = coco_mask(ann.get("segmentation"), height, width)
         except ValueError as exc:
             raise ValueError(f"{key}: annotation {ann_id}: {exc}") from exc
         results.append(brush_result(mask, f"{REGION_PREFIX}{ann_id}", score=score))
@@ -151,15 +151,6 @@ def record_to_task(record: dict, image_url: str, key: str, round: int) -> dict:
             "result": results,
         }],
     }
-
-
-def coco_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """COCO RLE (compressed or list counts) -> H x W bool mask, checked against the image size."""
-    if not isinstance(segmentation, dict) or "counts" not in segmentation:
-        raise ValueError("segmentation is not a COCO RLE with size and counts")
-    counts = coco_rle.validated_counts(segmentation, height, width)
-    column_major = np.repeat(np.arange(counts.size) % 2 == 1, counts)  # runs alternate, background first
-    return column_major.reshape(width, height).T
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from PIL import Image
 from sam_train.atomic_io import atomic_path, atomic_write_bytes
 from sam_train.config import load_config
 from sam_train.data.sa1b import SCHEMA_VERSION, parse_record
-from sam_train.data.shards import MANIFEST, iter_raw_samples, read_manifest, resolve_shards, shard_entry, write_dataset
+from sam_train.data.shards import MANIFEST, iter_raw_samples, read_manifest, resolve_shards, write_dataset
 from sam_train.engine import labelstudio as ls
 from sam_train.engine.annotator import AnnotatorConfig, Review, review_image
 from sam_train.engine.journal import Journal

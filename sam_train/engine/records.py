@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 
 SOURCES = ("model", "human")
 ACTIONS = ("add", "replace", "delete")
+# Click labels that mean "not this object", in every tool we read (Label Studio keypoints, CVAT points).
+NEGATIVE_LABELS = frozenset({"negative", "background"})
 
 
 def now_iso() -> str:

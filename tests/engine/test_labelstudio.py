@@ -71,7 +71,7 @@ def test_record_to_task_rejects_bad_records() -> None:
         ls.record_to_task(bad, "u", "a", 0)
     bad = record()
     bad["annotations"][2]["segmentation"] = coco_rle.encode(np.zeros((H + 1, W), bool))
-    with pytest.raises(ValueError, match="a: annotation 3: RLE size 25x32 does not match"):
+    with pytest.raises(ValueError, match="a: annotation 3: bad RLE: RLE size 25x32 does not match"):
         ls.record_to_task(bad, "u", "a", 0)
 
 
