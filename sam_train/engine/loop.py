@@ -35,6 +35,7 @@ from PIL import Image
 
 from sam_train.atomic_io import atomic_path, atomic_write_bytes
 from sam_train.config import load_config
+from sam_train.data.convert import coco_mask
 from sam_train.data.sa1b import SCHEMA_VERSION, parse_record
 from sam_train.data.shards import MANIFEST, iter_raw_samples, read_manifest, resolve_shards, write_dataset
 from sam_train.engine import labelstudio as ls
@@ -381,16 +382,10 @@ class Engine:
 
     def _truth(self) -> dict[str, list[np.ndarray]]:
         """key -> ground-truth masks: what the simulated person wants; read by nothing else."""
-        from pycocotools import mask as mask_utils
-
         out = {}
         for shard in resolve_shards(list(self.cfg.data.truth)):
             for sample in iter_raw_samples(shard.url):
-                record = parse_record(sample.members["json"])
-                out[sample.key] = [
-                    mask_utils.decode({**a["segmentation"], "counts": a["segmentation"]["counts"].encode()}).astype(bool)
-                    for a in record["annotations"]
-                ]
+                out[sample.key] = _masks(parse_record(sample.members["json"]))
         return out
 
     def _review(self, r: int, key: str, record: dict, predictor: SamPredictor, truth: dict) -> dict:
@@ -403,10 +398,7 @@ class Engine:
             return json.loads(path.read_text())
         if key not in truth:
             raise ValueError(f"the simulated annotator has no ground truth for image {key} (data.truth)")
-        from pycocotools import mask as mask_utils
-
-        masks = {a["id"]: mask_utils.decode({**a["segmentation"], "counts": a["segmentation"]["counts"].encode()})
-                 .astype(bool) for a in record["annotations"]}
+        masks = dict(zip((a["id"] for a in record["annotations"]), _masks(record)))
         points = {a["id"]: tuple(a["point_coords"][0]) for a in record["annotations"] if a.get("point_coords")}
         review = review_image(predictor, self.image(key), masks, points, truth[key], self._annotator_config())
         saved = {"result": _review_result(review, masks), "work": _work(review)}
@@ -602,6 +594,12 @@ def _segmenter(predictor: SamPredictor, image: np.ndarray):
         return masks[best], float(scores[best])
 
     return segment
+
+
+def _masks(record: dict) -> list[np.ndarray]:
+    """The full-size bool masks of an SA-1B record's annotations."""
+    height, width = record["image"]["height"], record["image"]["width"]
+    return [coco_mask(a["segmentation"], height, width) for a in record["annotations"]]
 
 
 def _review_result(review: Review, masks: dict[int, np.ndarray]) -> list[dict]:

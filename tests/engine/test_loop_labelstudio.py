@@ -1,0 +1,55 @@
+"""The loop against a real Label Studio on 127.0.0.1: tasks pushed once, the person's annotations ingested exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sam_train.data.synth import synth_dataset
+from sam_train.engine.loop import CRASH_ENV, Engine, init_workdir
+
+from .test_loop import MINIATURE, labels
+
+
+def test_engine_round_through_label_studio_survives_kills(label_studio):
+    root = label_studio.files_root / "engine"  # under the server's document root: it serves the pool images
+    pool = label_studio.files_root / "pool-shards"
+    synth_dataset(pool, images=2, seed=3, samples_per_shard=4, workers=1, style="cells")
+    init_workdir(root, [pool], [
+        *MINIATURE, "rounds=1", "images_per_round=2", "backend=labelstudio", f"data.truth=[{pool}]",
+        f"labelstudio.url={label_studio.url}", f"labelstudio.token={label_studio.token}",
+        f"labelstudio.document_root={label_studio.files_root}", "labelstudio.poll_seconds=1",
+    ])
+    run = [sys.executable, "-m", "sam_train.cli", "engine", "run", str(root)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    # Killed after the tasks are in Label Studio but before the journal knows, then after the
+    # person's first submission: the reruns must neither import nor annotate anything twice.
+    for point in ("1:export:end", "1:annotate:item"):
+        done = subprocess.run(run, env={**env, CRASH_ENV: point}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == -9, done.stderr[-2000:]
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    engine = Engine(root)
+    client = label_studio.client()
+    project = engine.journal.done()[(1, "export")]["project"]
+    tasks = client.tasks(project)
+    assert sorted(t["data"]["key"] for t in tasks) == sorted(engine.round_keys(1)), "each image is one task, once"
+    exported = json.loads((engine.round_dir(1) / "corrections" / "labelstudio.json").read_text())
+    assert all(len(t["annotations"]) == 1 for t in exported), "each task was annotated exactly once"
+    # What the person submitted through the server is exactly what the dataset version holds.
+    submitted = {t["data"]["key"]: sorted(r["id"] for r in t["annotations"][0]["result"]) for t in exported}
+    saved = {k: sorted(r["id"] for r in json.loads((engine.round_dir(1) / "annotator" / f"{k}.json").read_text())["result"])
+             for k in submitted}
+    assert submitted == saved
+    version = labels(engine, "v001")
+    for key, regions in submitted.items():
+        assert len(version[key]) == len(regions)
+        kept = {int(r[1:]) for r in regions if r.startswith("m")}
+        model_ids = {ann[0] for ann in version[key] if ann[2] == "model"}
+        assert model_ids <= kept, "a model mask survives only if the person kept it"
+    by_person = [json.loads(line)["provenance"] for line in (engine.round_dir(1) / "edits.jsonl").read_text().splitlines()]
+    assert by_person and all(p["annotator"] == label_studio.user and p["source"] == "human" for p in by_person)
