@@ -145,7 +145,7 @@ def main() -> None:
     ours_settings = AmgSettings(**settings, crop_edge_margin=20.0, max_mask_coverage=None)
     our_encoder, our_decoder = Stopwatch(), Stopwatch()
     SamPredictor.set_image = our_encoder.wrap(SamPredictor.set_image)
-    for step in ("attend_one_image", "iou_from_tokens", "masks_from_tokens"):
+    for step in ("prepare_one_image", "attend_one_image", "iou_from_tokens", "masks_from_tokens"):
         setattr(our_model.mask_decoder, step, our_decoder.wrap(getattr(our_model.mask_decoder, step)))
     start = time.perf_counter()
     ours = generate_masks(our_model, image, ours_settings)

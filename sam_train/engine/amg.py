@@ -4,17 +4,20 @@ A grid of single-point prompts covers the image (and, with `crop_n_layers`, over
 crops of it); every point yields 3 masks; masks the model itself doubts (predicted IoU), masks that
 change when the logit threshold moves (stability), masks cut by a crop's inner border and masks
 covering (nearly) the whole image are dropped; duplicates go by box NMS, within a crop and across
-crops (smaller crops win); small islands and holes are cleaned. The masks are Meta's
-`SamAutomaticMaskGenerator`'s (tests/engine check them against it); the work is arranged so that
-the decoder-side costs a fraction of Meta's:
+crops (smaller crops win); small islands and holes are cleaned. The masks are those of Meta's
+`SamAutomaticMaskGenerator` (tests/engine check them against it), except that the SA-1B rule
+dropping near-whole-image masks, absent from Meta's code, is on by default (`max_mask_coverage`).
+The work is arranged so that the decoder side costs a fraction of Meta's:
 
-- each crop is encoded once and all its prompts are decoded against that one embedding
-  (`MaskDecoder.predict_one_image`: no per-prompt copy of the image, low-rank attention);
-- only the low-res cells that cover the image (not the padding) are upscaled;
-- the predicted-IoU filter runs on the low-res output, so only survivors reach full resolution,
-  and full-resolution logits live one chunk of masks at a time;
-- masks are run-length encoded in C (pycocotools), boxes and stability come from whole-batch
-  tensor reductions.
+- each crop is encoded once, and what every prompt shares is computed once
+  (`MaskDecoder.prepare_one_image`); prompts are decoded a few at a time against it with the
+  image never copied per prompt and low-rank cross-attention (`MaskDecoder.attend_one_image`);
+- the IoU head reads the transformer's output tokens, so prompts whose 3 masks all fail
+  `pred_iou_thresh` are never upscaled, and only the low-res cells that cover the image (not the
+  padding) are;
+- only masks that pass the IoU filter reach full resolution, one chunk at a time;
+- masks are run-length encoded in C (pycocotools); boxes, areas and stability come from
+  whole-chunk tensor reductions.
 
 Settings live in `configs/autolabel.yaml` (`amg`), read into `AmgSettings`.
 """
@@ -42,11 +45,12 @@ from torchvision.ops import nms
 
 from sam_train.data import rle
 from sam_train.data.convert import IMAGE_SUFFIXES
-from sam_train.data.sa1b import make_annotation, make_record
+from sam_train.data.sa1b import make_record
 from sam_train.data.shards import write_dataset
 from sam_train.engine.records import Provenance, now_iso
 from sam_train.geometry import scale_coords
 from sam_train.model import Sam
+from sam_train.model.mask_decoder import PROMPTS_PER_PASS
 from sam_train.predictor import SamPredictor
 
 FULL_RES_CHUNK = 32  # masks upsampled to full resolution at once: bounds memory on large images
@@ -351,20 +355,24 @@ def clean_small_regions(found: MaskCandidates, min_area: int, nms_thresh: float)
 
 
 def annotations_of(found: MaskCandidates, first_id: int = 0) -> list[dict]:
-    """SA-1B annotations of found masks (bbox and area recomputed from each mask, COCO convention)."""
+    """SA-1B annotations of found masks: `sa1b.make_annotation`'s fields, taken from the RLEs (no mask is decoded)."""
+    if not len(found):
+        return []
+    boxes = mask_utils.toBbox(found.rles)  # COCO x, y, w, h
     annotations = []
-    for k in range(len(found)):
-        mask = mask_utils.decode(found.rles[k]).view(bool)  # Fortran order: re-encodes without a copy
+    for k, encoded in enumerate(found.rles):
         x0, y0, x1, y1 = (float(v) for v in found.crop_boxes[k])
         annotations.append(
-            make_annotation(
-                mask,
-                first_id + k,
-                predicted_iou=float(found.predicted_iou[k]),
-                stability_score=float(found.stability[k]),
-                point_coords=[[float(v) for v in found.points[k]]],
-                crop_box=[x0, y0, x1 - x0, y1 - y0],
-            )
+            {
+                "id": first_id + k,
+                "segmentation": {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")},
+                "bbox": [float(v) for v in boxes[k]],
+                "area": int(mask_utils.area(encoded)),  # one at a time: pycocotools' batched area overflows past 255 masks
+                "predicted_iou": float(found.predicted_iou[k]),
+                "stability_score": float(found.stability[k]),
+                "point_coords": [[float(v) for v in found.points[k]]],
+                "crop_box": [x0, y0, x1 - x0, y1 - y0],
+            }
         )
     return annotations
 
@@ -409,26 +417,32 @@ def _crop_masks(
     grid = point_grid(settings.points_per_side // settings.crop_n_points_downscale_factor**layer)
     points = grid * np.array(frame.size[::-1])  # crop pixels (x, y)
     model_points = torch.as_tensor(scale_coords(points, frame.size, model.image_size), dtype=torch.float, device=model.device)
-    pe = model.prompt_encoder.get_dense_pe()
-    dense = model.prompt_encoder.no_mask_dense(1)
+    shared = decoder.prepare_one_image(predictor.features, model.prompt_encoder.get_dense_pe(), model.prompt_encoder.no_mask_dense(1))
     parts = []
     for start in range(0, len(points), settings.points_per_batch):
-        batch_points = points[start : start + settings.points_per_batch]
-        coords = model_points[start : start + len(batch_points), None]
-        labels = torch.ones(len(batch_points), 1, dtype=torch.int, device=model.device)
-        sparse, _ = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        tokens, image_tokens = decoder.attend_one_image(predictor.features, pe, sparse, dense)
-        iou = decoder.iou_from_tokens(tokens, multimask_output=True)  # N x 3
-        if settings.pred_iou_thresh > 0:
-            # The IoU head needs no mask: a prompt whose 3 masks all fail costs no upscaling.
-            hopeful = (iou > settings.pred_iou_thresh).any(1)
-            tokens, image_tokens, iou = tokens[hopeful], image_tokens[hopeful], iou[hopeful]
-            batch_points = batch_points[hopeful.cpu().numpy()]
-        if len(batch_points):
-            logits = decoder.masks_from_tokens(tokens, image_tokens, multimask_output=True, mask_size=extent)
-            del tokens, image_tokens  # N x h x w x C each: free before the full-resolution work
-            points_per_mask = np.repeat(batch_points + np.array([x0, y0]), logits.shape[1], axis=0)
-            parts.append(filter_masks(logits.flatten(0, 1), iou.flatten(), points_per_mask, frame, settings))
+        batch = range(start, min(start + settings.points_per_batch, len(points)))
+        labels = torch.ones(len(batch), 1, dtype=torch.int, device=model.device)
+        sparse, _ = model.prompt_encoder(points=(model_points[batch.start : batch.stop, None], labels), boxes=None, masks=None)
+        logits, iou, prompts = [], [], []
+        for first in range(0, len(batch), PROMPTS_PER_PASS):
+            chunk = slice(first, first + PROMPTS_PER_PASS)
+            tokens, image_tokens = decoder.attend_one_image(shared, sparse[chunk])
+            chunk_iou = decoder.iou_from_tokens(tokens, multimask_output=True)  # n x 3
+            hopeful = torch.arange(first, first + len(tokens))
+            if settings.pred_iou_thresh > 0:
+                # The IoU head needs no mask: a prompt whose 3 masks all fail costs no upscaling.
+                keep = (chunk_iou > settings.pred_iou_thresh).any(1)
+                tokens, image_tokens, chunk_iou, hopeful = tokens[keep], image_tokens[keep], chunk_iou[keep], hopeful[keep.cpu()]
+            if len(hopeful):
+                logits.append(decoder.masks_from_tokens(tokens, image_tokens, multimask_output=True, mask_size=extent))
+                iou.append(chunk_iou)
+                prompts.append(hopeful)
+        if logits:
+            logits, iou = torch.cat(logits), torch.cat(iou)
+            batch_points = points[batch.start + torch.cat(prompts).numpy()] + np.array([x0, y0])  # image frame
+            parts.append(
+                filter_masks(logits.flatten(0, 1), iou.flatten(), np.repeat(batch_points, logits.shape[1], axis=0), frame, settings)
+            )
     predictor.reset_image()
     found = MaskCandidates.cat(parts)
     return found.select(nms(found.boxes, found.predicted_iou, settings.box_nms_thresh)) if len(found) else found

@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sam_train.model.common import MLP, LayerNorm2d
-from sam_train.model.transformer import TwoWayTransformer
+from sam_train.model.transformer import SharedImage, TwoWayTransformer
+
+# Prompts decoded together on one image (`predict_one_image`): a prompt's image tokens and
+# upscaled features are 4-12 MB (vit_b), so a few prompts' stay in cache, and under glibc's 32 MB
+# mmap threshold, so buffers are reused rather than page-faulted in afresh; on 2 CPU cores this
+# decodes ~1.5x faster than 32 prompts at once.
+PROMPTS_PER_PASS = 4
 
 
 class MaskDecoder(nn.Module):
@@ -116,25 +122,27 @@ class MaskDecoder(nn.Module):
         Equal to `forward` up to float rounding. The steps are public so that a caller can drop
         prompts by their predicted IoU before paying for their masks.
         """
-        tokens, image_tokens = self.attend_one_image(image_embedding, image_pe, sparse_prompt_embeddings, dense_prompt_embedding)
-        masks = self.masks_from_tokens(tokens, image_tokens, multimask_output, mask_size)
-        return masks, self.iou_from_tokens(tokens, multimask_output)
+        image = self.prepare_one_image(image_embedding, image_pe, dense_prompt_embedding)
+        masks, iou = [], []
+        for start in range(0, sparse_prompt_embeddings.shape[0], PROMPTS_PER_PASS):
+            tokens, image_tokens = self.attend_one_image(image, sparse_prompt_embeddings[start : start + PROMPTS_PER_PASS])
+            masks.append(self.masks_from_tokens(tokens, image_tokens, multimask_output, mask_size))
+            iou.append(self.iou_from_tokens(tokens, multimask_output))
+        return torch.cat(masks), torch.cat(iou)
 
-    def attend_one_image(
-        self,
-        image_embedding: torch.Tensor,
-        image_pe: torch.Tensor,
-        sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embedding: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two-way transformer for N prompts on one image, never copying the image per prompt:
-        (N x T x C output tokens, N x h x w x C image tokens)."""
+    def prepare_one_image(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, dense_prompt_embedding: torch.Tensor
+    ) -> SharedImage:
+        """What decoding every prompt on one image shares (1 x C x h x w embedding and dense prompt), computed once."""
+        return self.transformer.prepare_one_image(image_embedding + dense_prompt_embedding, image_pe)
+
+    def attend_one_image(self, image: SharedImage, sparse_prompt_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer for N prompts on a prepared image: (N x T x C output tokens, N x h x w x C image tokens)."""
         n = sparse_prompt_embeddings.shape[0]
-        src = image_embedding + dense_prompt_embedding  # 1 x C x h x w, shared by every prompt
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings], dim=1)
-        tokens, image_tokens = self.transformer.forward_one_image(src, image_pe, tokens)
-        return tokens, image_tokens.view(n, *src.shape[2:], -1)
+        tokens, image_tokens = self.transformer.forward_one_image(image, tokens)
+        return tokens, image_tokens.view(n, *image.size, -1)
 
     def iou_from_tokens(self, tokens: torch.Tensor, multimask_output: bool) -> torch.Tensor:
         """N x K predicted IoU from `attend_one_image`'s output tokens."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,55 +42,78 @@ class Attention(nn.Module):
         """A projection's weight as heads x d x C and bias as heads x d."""
         return proj.weight.view(self.num_heads, -1, proj.in_features), proj.bias.view(self.num_heads, -1)
 
+    def project_image(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (heads x d x L) and values (heads x L x d) of one image's L x C tokens, for `attend_to_image_heads`."""
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        kh = self.k_proj(k).view(-1, heads, d).permute(1, 2, 0)
+        vh = self.v_proj(v).view(-1, heads, d).transpose(0, 1)
+        return kh, vh
+
+    def project_image_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries (heads x d x L) of one image's L x C tokens, for `attend_to_tokens_heads`."""
+        return self.q_proj(q).view(-1, self.num_heads, self.internal_dim // self.num_heads).permute(1, 2, 0)
+
+    def attend_to_image_heads(self, q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+        """`forward` for N x T x C prompt tokens attending to one image projected by `project_image`."""
+        n, t, _ = q.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        qh = self.q_proj(q).view(n * t, heads, d).transpose(0, 1) * d**-0.5  # heads x NT x d
+        p = torch.bmm(qh, kh).softmax(-1)  # heads x NT x L
+        out = torch.bmm(p, vh).view(heads, n, t, d).permute(1, 2, 0, 3)
+        return self.out_proj(out.reshape(n, t, self.internal_dim))
+
     def attend_to_image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """`forward` for N x T x C prompt tokens attending to L image tokens, `k`/`v` L x C (one image) or N x L x C."""
+        """`forward` for N x T x C prompt tokens attending to N x L x C image tokens, never projecting the image."""
         n, t, _ = q.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
         qh = self._split_heads(self.q_proj(q)) * d**-0.5  # N x heads x T x d
-        if k.dim() == 2:  # one image for all prompts: project it once, heads as the batch
-            kh = self.k_proj(k).view(-1, heads, d).permute(1, 2, 0)  # heads x d x L
-            vh = self.v_proj(v).view(-1, heads, d).transpose(0, 1)  # heads x L x d
-            p = torch.bmm(qh.transpose(0, 1).reshape(heads, n * t, d), kh).softmax(-1)  # heads x NT x L
-            out = torch.bmm(p, vh).view(heads, n, t, d).permute(1, 2, 0, 3)
-        else:
-            # Fold each head's query into the key weights; the key bias shifts a query's scores
-            # by a constant, which softmax ignores.
-            wk, _ = self._head_weights(self.k_proj)
-            folded = torch.einsum("nhtd,hdc->nhtc", qh, wk).reshape(n, heads * t, -1)
-            p = torch.bmm(folded, k.transpose(1, 2)).softmax(-1)  # N x (heads T) x L
-            # Weight the image before projecting it; rows of p sum to 1, so the bias passes unchanged.
-            wv, bv = self._head_weights(self.v_proj)
-            pv = torch.bmm(p, v).view(n, heads, t, -1)  # N x heads x T x C
-            out = torch.einsum("nhtc,hdc->nthd", pv, wv) + bv
+        # Fold each head's query into the key weights; the key bias shifts a query's scores by a
+        # constant, which softmax ignores.
+        wk, _ = self._head_weights(self.k_proj)
+        folded = torch.einsum("nhtd,hdc->nhtc", qh, wk).reshape(n, heads * t, -1)
+        p = torch.bmm(folded, k.transpose(1, 2)).softmax(-1)  # N x (heads T) x L
+        # Weight the image before projecting it; rows of p sum to 1, so the bias passes unchanged.
+        wv, bv = self._head_weights(self.v_proj)
+        pv = torch.bmm(p, v).view(n, heads, t, -1)  # N x heads x T x C
+        out = torch.einsum("nhtc,hdc->nthd", pv, wv) + bv
         return self.out_proj(out.reshape(n, t, self.internal_dim))
 
-    def attend_to_tokens(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+    def attend_to_tokens_heads(
+        self, qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor
     ) -> torch.Tensor:
-        """`residual + forward(q, k, v)` for L image tokens (`q` L x C for one image, or N x L x C)
-        attending to N x T x C prompt tokens; the residual is added in the same pass."""
+        """`residual + forward(q, k, v)` for one image's tokens, projected by `project_image_queries`,
+        attending to N x T x C prompt tokens: N x L x C."""
+        n, t, _ = k.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        kh = self.k_proj(k).view(n * t, heads, d).transpose(0, 1) * d**-0.5  # heads x NT x d
+        # Scores laid out N x heads x T x L: softmax over T then runs along contiguous L rows.
+        p = torch.bmm(kh, qh).view(heads, n, t, -1).softmax(2).transpose(0, 1).reshape(n, heads * t, -1)
+        return self._project_attended_tokens(p, v, residual)
+
+    def attend_to_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`residual + forward(q, k, v)` for N x L x C image tokens attending to N x T x C prompt tokens."""
         n, t, _ = k.shape
         heads, d = self.num_heads, self.internal_dim // self.num_heads
         kh = self._split_heads(self.k_proj(k)) * d**-0.5  # N x heads x T x d
-        vh = self._split_heads(self.v_proj(v))
-        # Scores are laid out N x heads x T x L: softmax over T then runs along contiguous L rows.
-        if q.dim() == 2:  # one image: project it once, heads as the batch
-            qh = self.q_proj(q).view(-1, heads, d).permute(1, 2, 0)  # heads x d x L
-            scores = torch.bmm(kh.transpose(0, 1).reshape(heads, n * t, d), qh)  # heads x NT x L
-            p = scores.view(heads, n, t, -1).softmax(2).transpose(0, 1).reshape(n, heads * t, -1)
-        else:
-            # Fold the keys into each head's query weights: (q W_q^T + b_q) k^T = q (W_q^T k^T) + b_q k^T.
-            wq, bq = self._head_weights(self.q_proj)
-            folded = torch.einsum("hdc,nhtd->nhtc", wq, kh).reshape(n, heads * t, -1)
-            bias = torch.einsum("hd,nhtd->nht", bq, kh).reshape(n, heads * t, 1)
-            scores = torch.baddbmm(bias, folded, q.transpose(1, 2))  # N x (heads T) x L
-            p = scores.view(n, heads, t, -1).softmax(2).view(n, heads * t, -1)
-        # out_proj(p v) = p (v W_o^T) + b_o: project the T values, not the L outputs. Each image
-        # token's weights sum to 1 per head, so b_o / heads on every projected value adds b_o.
+        # Fold the keys into each head's query weights: (q W_q^T + b_q) k^T = q (W_q^T k^T) + b_q k^T.
+        wq, bq = self._head_weights(self.q_proj)
+        folded = torch.einsum("hdc,nhtd->nhtc", wq, kh).reshape(n, heads * t, -1)
+        bias = torch.einsum("hd,nhtd->nht", bq, kh).reshape(n, heads * t, 1)
+        scores = torch.baddbmm(bias, folded, q.transpose(1, 2))  # N x (heads T) x L
+        p = scores.view(n, heads, t, -1).softmax(2).view(n, heads * t, -1)
+        return self._project_attended_tokens(p, v, residual)
+
+    def _project_attended_tokens(self, p: torch.Tensor, v: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + out_proj(p^T v_proj(v)) for N x (heads T) x L attention `p` over N x T x C tokens.
+
+        out_proj(p v) = p (v W_o^T) + b_o: project the T values, not the L outputs. Each image
+        token's weights sum to 1 per head, so b_o / heads on every projected value adds b_o.
+        """
+        n, t, _ = v.shape
+        heads, d = self.num_heads, self.internal_dim // self.num_heads
+        vh = self._split_heads(self.v_proj(v))  # N x heads x T x d
         wo = self.out_proj.weight.view(-1, heads, d)  # C x heads x d
         values_out = torch.einsum("nhtd,chd->nhtc", vh, wo).reshape(n, heads * t, -1) + self.out_proj.bias / heads
-        if residual is None:
-            return torch.bmm(p.transpose(1, 2), values_out)
         return torch.baddbmm(residual, p.transpose(1, 2), values_out)
 
 
@@ -122,14 +147,52 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = self._attend_tokens_to_tokens(queries, query_pe)
+        q, k = queries + query_pe, keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        queries = self.norm3(queries + self.mlp(queries))
+
+        q, k = queries + query_pe, keys + key_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        return queries, keys
+
+    def forward_one_image(
         self,
         queries: torch.Tensor,
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
-        one_image: bool = False,
+        image_heads: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`one_image`: `keys` and `key_pe` may be L x C, shared by all prompts (see `Attention.attend_to_image`)."""
+        """`forward` for N prompts on one image, by `Attention`'s low-rank rewrites.
+
+        With `image_heads` (from `project_image`), `keys` is the L x C image every prompt still
+        shares (first block), and its projections are not recomputed.
+        """
+        queries = self._attend_tokens_to_tokens(queries, query_pe)
+        q = queries + query_pe
+        if image_heads is None:
+            k = keys + key_pe
+            queries = self.norm2(queries + self.cross_attn_token_to_image.attend_to_image(q, k, keys))
+        else:
+            queries = self.norm2(queries + self.cross_attn_token_to_image.attend_to_image_heads(q, *image_heads[:2]))
+        queries = self.norm3(queries + self.mlp(queries))
+
+        q = queries + query_pe  # the image tokens have not changed since `k` was formed
+        if image_heads is None:
+            keys = self.norm4(self.cross_attn_image_to_token.attend_to_tokens(k, q, queries, residual=keys))
+        else:
+            keys = self.norm4(self.cross_attn_image_to_token.attend_to_tokens_heads(image_heads[2], q, queries, residual=keys))
+        return queries, keys
+
+    def project_image(self, keys: torch.Tensor, key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This block's projections of L x C image tokens that are the same for every prompt."""
+        k = keys + key_pe
+        return (*self.cross_attn_token_to_image.project_image(k, keys), self.cross_attn_image_to_token.project_image_queries(k))
+
+    def _attend_tokens_to_tokens(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
         # The first layer's queries *are* the prompt embeddings (PE included), so it replaces
         # rather than adds, exactly as SAM was trained.
         if self.skip_first_layer_pe:
@@ -137,21 +200,7 @@ class TwoWayAttentionBlock(nn.Module):
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
-
-        q, k = queries + query_pe, keys + key_pe
-        if one_image:
-            queries = self.norm2(queries + self.cross_attn_token_to_image.attend_to_image(q, k, keys))
-        else:
-            queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
-        queries = self.norm3(queries + self.mlp(queries))
-
-        q = queries + query_pe  # the image tokens have not changed since `k` was formed
-        if one_image:
-            keys = self.norm4(self.cross_attn_image_to_token.attend_to_tokens(k, q, queries, residual=keys))
-        else:
-            keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
-        return queries, keys
+        return self.norm1(queries)
 
 
 class TwoWayTransformer(nn.Module):
@@ -181,15 +230,28 @@ class TwoWayTransformer(nn.Module):
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
         return queries, keys
 
-    def forward_one_image(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` for N prompts on one 1 x C x h x w image, never copying the image per prompt."""
-        keys = image_embedding[0].flatten(1).t()  # L x C, shared until the first block updates it
+    def prepare_one_image(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> "SharedImage":
+        """What decoding any prompt on one 1 x C x h x w image shares: its tokens and their first-block projections."""
+        keys = image_embedding[0].flatten(1).t()  # L x C
         key_pe = image_pe[0].flatten(1).t()
-        queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe, one_image=True)
-        q, k = queries + point_embedding, keys + key_pe
+        return SharedImage(keys, key_pe, self.layers[0].project_image(keys, key_pe), tuple(image_embedding.shape[2:]))
+
+    def forward_one_image(self, image: "SharedImage", point_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for N prompts on one prepared image: (N x T x C tokens, N x L x C image tokens)."""
+        queries, keys = point_embedding, image.keys
+        for i, layer in enumerate(self.layers):
+            heads = image.first_block_heads if i == 0 else None  # the first block sees the image unchanged
+            queries, keys = layer.forward_one_image(queries, keys, point_embedding, image.key_pe, heads)
+        q, k = queries + point_embedding, keys + image.key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image.attend_to_image(q, k, keys))
         return queries, keys
+
+
+@dataclass(frozen=True)
+class SharedImage:
+    """One image as every prompt decoded on it starts: computed once by `TwoWayTransformer.prepare_one_image`."""
+
+    keys: torch.Tensor  # L x C image tokens (embedding + dense prompt)
+    key_pe: torch.Tensor  # L x C
+    first_block_heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # `TwoWayAttentionBlock.project_image`
+    size: tuple[int, int]  # (h, w), L = h w

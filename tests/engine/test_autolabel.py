@@ -16,13 +16,14 @@ from scipy import ndimage
 from segment_anything.utils import amg as meta_amg
 
 from sam_train.config import load_config
-from sam_train.data.sa1b import check_annotation, parse_record, validate_record
+from sam_train.data.sa1b import check_annotation, make_annotation, parse_record, validate_record
 from sam_train.data.shards import MANIFEST, iter_raw_samples, resolve_shards
 from sam_train.data.synthetic import draw_scene
 from sam_train.engine.amg import (
     AmgSettings,
     CropFrame,
     MaskCandidates,
+    annotations_of,
     autolabel_images,
     clean_small_regions,
     crop_boxes,
@@ -294,6 +295,27 @@ def test_records_are_valid_sa1b_with_model_provenance(builtin_tiny, scene_image)
         assert ann["provenance"]["source"] == "model" and ann["provenance"]["round"] == 2
         assert ann["provenance"]["time"].endswith("+00:00")
     assert "uncovered" not in record
+
+
+def test_annotations_have_exactly_make_annotations_fields(builtin_tiny, scene_image):
+    found = find_masks(builtin_tiny, scene_image, relaxed())
+    ours = annotations_of(found, first_id=7)
+    for k, ann in enumerate(ours):
+        x0, y0, x1, y1 = found.crop_boxes[k].tolist()
+        want = make_annotation(
+            decode(ann["segmentation"]), 7 + k, float(found.predicted_iou[k]), float(found.stability[k]),
+            [found.points[k].tolist()], [x0, y0, x1 - x0, y1 - y0],
+        )
+        assert json.dumps(ann) == json.dumps(want)
+
+
+def test_hundreds_of_masks_become_annotations():
+    masks = [np.zeros((20, 20), dtype=bool) for _ in range(300)]  # pycocotools' batched area overflows past 255
+    for k, mask in enumerate(masks):
+        mask[k // 20, k % 20] = True
+    found = _candidates([[k % 20, k // 20, k % 20, k // 20] for k in range(300)], [0.9] * 300, [[0, 0, 20, 20]] * 300, masks)
+    annotations = annotations_of(found)
+    assert [a["area"] for a in annotations] == [1] * 300 and annotations[299]["bbox"] == [19.0, 14.0, 1.0, 1.0]
 
 
 def test_semi_automatic_keeps_confident_masks_and_marks_the_rest(builtin_tiny, scene_image):

@@ -76,20 +76,19 @@ def test_one_image_path_matches_meta(tiny_pair, multimask):
     torch.testing.assert_close(corner, want_masks[..., :37, :50], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_low_rank_attention_equals_plain_attention(tiny_pair, shared):
+def test_low_rank_attention_equals_plain_attention(tiny_pair):
     attention = tiny_pair[0].mask_decoder.transformer.layers[1].cross_attn_image_to_token
     g = torch.Generator().manual_seed(1)
     tokens = torch.randn(4, 7, 128, generator=g)
-    image = torch.randn(1 if shared else 4, 64, 128, generator=g)
-    image_arg = image[0] if shared else image  # one image is passed as L x C
+    image, residual = torch.randn(4, 64, 128, generator=g), torch.randn(64, 128, generator=g)
+    want_tokens, want_image = attention(tokens, image, image), residual + attention(image, tokens, tokens)
+    torch.testing.assert_close(attention.attend_to_image(tokens, image, image), want_tokens, atol=TOL, rtol=0)
+    torch.testing.assert_close(attention.attend_to_tokens(image, tokens, tokens, residual), want_image, atol=TOL, rtol=0)
+    # One image shared by every prompt, projected once.
+    shared = image[:1].expand(4, -1, -1)
+    heads = attention.project_image(image[0], image[0])
+    torch.testing.assert_close(attention.attend_to_image_heads(tokens, *heads), attention(tokens, shared, shared), atol=TOL, rtol=0)
     torch.testing.assert_close(
-        attention.attend_to_image(tokens, image_arg, image_arg), attention(tokens, image.expand(4, -1, -1), image.expand(4, -1, -1)),
-        atol=TOL, rtol=0,
-    )
-    residual = torch.randn(64, 128, generator=g)
-    torch.testing.assert_close(
-        attention.attend_to_tokens(image_arg, tokens, tokens, residual=residual),
-        residual + attention(image.expand(4, -1, -1), tokens, tokens),
-        atol=TOL, rtol=0,
+        attention.attend_to_tokens_heads(attention.project_image_queries(image[0]), tokens, tokens, residual),
+        residual + attention(shared, tokens, tokens), atol=TOL, rtol=0,
     )
