@@ -50,7 +50,8 @@ from sam_train.data.shards import write_dataset
 from sam_train.engine.records import Provenance, now_iso
 from sam_train.geometry import scale_coords
 from sam_train.model import Sam
-from sam_train.model.mask_decoder import PROMPTS_PER_PASS
+from sam_train.model.mask_decoder import PROMPTS_PER_PASS, MaskDecoder
+from sam_train.model.transformer import SharedImage
 from sam_train.predictor import SamPredictor
 
 FULL_RES_CHUNK = 32  # masks upsampled to full resolution at once: bounds memory on large images
@@ -319,7 +320,8 @@ def find_masks(model: Sam, image: np.ndarray, settings: AmgSettings) -> MaskCand
     if len(crops) > 1:
         found = dedupe_across_crops(found, settings.crop_nms_thresh)
     if settings.min_mask_region_area > 0:
-        found = clean_small_regions(found, settings.min_mask_region_area, max(settings.box_nms_thresh, settings.crop_nms_thresh))
+        renms = max(settings.box_nms_thresh, settings.crop_nms_thresh)
+        found = clean_small_regions(found, settings.min_mask_region_area, renms)
     return found
 
 
@@ -403,7 +405,8 @@ def _crop_masks(
     predictor: SamPredictor, image: np.ndarray, crop_box: list[int], layer: int, settings: AmgSettings
 ) -> MaskCandidates:
     """Candidates of one crop: encode it once, decode its point grid in batches, NMS within the crop."""
-    model, decoder = predictor.model, predictor.model.mask_decoder
+    model = predictor.model
+    prompt_encoder, decoder = model.prompt_encoder, model.mask_decoder
     x0, y0, x1, y1 = crop_box
     crop = image[y0:y1, x0:x1]
     predictor.set_image(crop)
@@ -412,40 +415,49 @@ def _crop_masks(
     # its bilinear kernel takes, so that cropping the 4h x 4w grid changes no value.
     extent = tuple(
         min(full, math.floor((size - 0.5) / 4 - 0.5) + 2)
-        for full, size in zip(model.prompt_encoder.mask_input_size, frame.input_size)
+        for full, size in zip(prompt_encoder.mask_input_size, frame.input_size)
     )
     grid = point_grid(settings.points_per_side // settings.crop_n_points_downscale_factor**layer)
     points = grid * np.array(frame.size[::-1])  # crop pixels (x, y)
-    model_points = torch.as_tensor(scale_coords(points, frame.size, model.image_size), dtype=torch.float, device=model.device)
-    shared = decoder.prepare_one_image(predictor.features, model.prompt_encoder.get_dense_pe(), model.prompt_encoder.no_mask_dense(1))
+    model_points = scale_coords(points, frame.size, model.image_size)
+    model_points = torch.as_tensor(model_points, dtype=torch.float, device=model.device)
+    shared = decoder.prepare_one_image(predictor.features, prompt_encoder.get_dense_pe(), prompt_encoder.no_mask_dense(1))
     parts = []
     for start in range(0, len(points), settings.points_per_batch):
-        batch = range(start, min(start + settings.points_per_batch, len(points)))
-        labels = torch.ones(len(batch), 1, dtype=torch.int, device=model.device)
-        sparse, _ = model.prompt_encoder(points=(model_points[batch.start : batch.stop, None], labels), boxes=None, masks=None)
-        logits, iou, prompts = [], [], []
-        for first in range(0, len(batch), PROMPTS_PER_PASS):
-            chunk = slice(first, first + PROMPTS_PER_PASS)
-            tokens, image_tokens = decoder.attend_one_image(shared, sparse[chunk])
-            chunk_iou = decoder.iou_from_tokens(tokens, multimask_output=True)  # n x 3
-            hopeful = torch.arange(first, first + len(tokens))
-            if settings.pred_iou_thresh > 0:
-                # The IoU head needs no mask: a prompt whose 3 masks all fail costs no upscaling.
-                keep = (chunk_iou > settings.pred_iou_thresh).any(1)
-                tokens, image_tokens, chunk_iou, hopeful = tokens[keep], image_tokens[keep], chunk_iou[keep], hopeful[keep.cpu()]
-            if len(hopeful):
-                logits.append(decoder.masks_from_tokens(tokens, image_tokens, multimask_output=True, mask_size=extent))
-                iou.append(chunk_iou)
-                prompts.append(hopeful)
-        if logits:
-            logits, iou = torch.cat(logits), torch.cat(iou)
-            batch_points = points[batch.start + torch.cat(prompts).numpy()] + np.array([x0, y0])  # image frame
-            parts.append(
-                filter_masks(logits.flatten(0, 1), iou.flatten(), np.repeat(batch_points, logits.shape[1], axis=0), frame, settings)
-            )
+        batch = slice(start, start + settings.points_per_batch)
+        labels = torch.ones(len(model_points[batch]), 1, dtype=torch.int, device=model.device)
+        sparse, _ = prompt_encoder(points=(model_points[batch, None], labels), boxes=None, masks=None)
+        decoded = _decode_prompts(decoder, shared, sparse, settings.pred_iou_thresh, extent)
+        if decoded is not None:
+            logits, iou, prompts = decoded
+            batch_points = points[batch][prompts.numpy()] + np.array([x0, y0])  # image frame
+            mask_points = np.repeat(batch_points, logits.shape[1], axis=0)
+            parts.append(filter_masks(logits.flatten(0, 1), iou.flatten(), mask_points, frame, settings))
     predictor.reset_image()
     found = MaskCandidates.cat(parts)
     return found.select(nms(found.boxes, found.predicted_iou, settings.box_nms_thresh)) if len(found) else found
+
+
+def _decode_prompts(
+    decoder: MaskDecoder, shared: SharedImage, sparse: torch.Tensor, pred_iou_thresh: float, mask_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Decode N prompts on a prepared image, PROMPTS_PER_PASS at a time: (P x 3 x h' x w' low-res
+    logits, P x 3 IoU, the P prompt indices) of those with a mask above `pred_iou_thresh`; None if none."""
+    logits, iou, prompts = [], [], []
+    for first in range(0, sparse.shape[0], PROMPTS_PER_PASS):
+        tokens, image_tokens = decoder.attend_one_image(shared, sparse[first : first + PROMPTS_PER_PASS])
+        chunk_iou = decoder.iou_from_tokens(tokens, multimask_output=True)
+        index = torch.arange(first, first + len(tokens))
+        if pred_iou_thresh > 0:
+            # The IoU head needs no mask: a prompt whose 3 masks all fail costs no upscaling.
+            hopeful = (chunk_iou > pred_iou_thresh).any(1)
+            tokens, image_tokens, chunk_iou = tokens[hopeful], image_tokens[hopeful], chunk_iou[hopeful]
+            index = index[hopeful.cpu()]
+        if len(index):
+            logits.append(decoder.masks_from_tokens(tokens, image_tokens, multimask_output=True, mask_size=mask_size))
+            iou.append(chunk_iou)
+            prompts.append(index)
+    return (torch.cat(logits), torch.cat(iou), torch.cat(prompts)) if logits else None
 
 
 def filter_masks(

@@ -136,8 +136,10 @@ class MaskDecoder(nn.Module):
         """What decoding every prompt on one image shares (1 x C x h x w embedding and dense prompt), computed once."""
         return self.transformer.prepare_one_image(image_embedding + dense_prompt_embedding, image_pe)
 
-    def attend_one_image(self, image: SharedImage, sparse_prompt_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two-way transformer for N prompts on a prepared image: (N x T x C output tokens, N x h x w x C image tokens)."""
+    def attend_one_image(
+        self, image: SharedImage, sparse_prompt_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer for N prompts on a prepared image: (N x T x C tokens, N x h x w x C image tokens)."""
         n = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings], dim=1)

@@ -184,13 +184,15 @@ class TwoWayAttentionBlock(nn.Module):
         if image_heads is None:
             keys = self.norm4(self.cross_attn_image_to_token.attend_to_tokens(k, q, queries, residual=keys))
         else:
-            keys = self.norm4(self.cross_attn_image_to_token.attend_to_tokens_heads(image_heads[2], q, queries, residual=keys))
+            attended = self.cross_attn_image_to_token.attend_to_tokens_heads(image_heads[2], q, queries, residual=keys)
+            keys = self.norm4(attended)
         return queries, keys
 
     def project_image(self, keys: torch.Tensor, key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This block's projections of L x C image tokens that are the same for every prompt."""
         k = keys + key_pe
-        return (*self.cross_attn_token_to_image.project_image(k, keys), self.cross_attn_image_to_token.project_image_queries(k))
+        keys_heads, values_heads = self.cross_attn_token_to_image.project_image(k, keys)
+        return keys_heads, values_heads, self.cross_attn_image_to_token.project_image_queries(k)
 
     def _attend_tokens_to_tokens(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
         # The first layer's queries *are* the prompt embeddings (PE included), so it replaces
