@@ -39,6 +39,7 @@ from sam_train.data.convert import coco_mask
 from sam_train.data.sa1b import SCHEMA_VERSION, parse_record
 from sam_train.data.shards import MANIFEST, iter_raw_samples, read_manifest, resolve_shards, write_dataset
 from sam_train.engine import labelstudio as ls
+from sam_train.engine.amg import autolabel_images, load_image
 from sam_train.engine.annotator import AnnotatorConfig, Review, review_image
 from sam_train.engine.journal import Journal
 from sam_train.engine.merge import apply_edits
@@ -171,11 +172,8 @@ class Engine:
         return self.keys[(r - 1) * n : r * n]
 
     def image(self, key: str) -> np.ndarray:
-        path = self._pool_files[key]
-        try:
-            return np.asarray(Image.open(path).convert("RGB"))
-        except OSError as exc:
-            raise ValueError(f"{path}: unreadable image ({exc})") from exc
+        """The RGB pixels of a pool image (ValueError naming the file if it cannot be decoded)."""
+        return load_image(self._pool_files[key])[0]
 
     def next_step(self) -> tuple[int, str]:
         """The first (round, step) without `done`."""
@@ -238,8 +236,6 @@ class Engine:
 
     def step_autolabel(self, r: int, wait: bool) -> dict:
         """The round model's masks on this round's pool images, as SA-1B shards."""
-        from sam_train.engine.amg import autolabel_images
-
         keys = self.round_keys(r)
         model = build_sam(self.cfg.model.name, checkpoint=self.model_path(r))
         settings = load_config("autolabel", list(self.cfg.autolabel.overrides))
