@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -104,7 +105,7 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
 
 def _cmd_autolabel(args: argparse.Namespace) -> int:
     from sam_train.config import load_config
-    from sam_train.engine.amg import autolabel_images, list_images
+    from sam_train.engine.amg import autolabel_images, finish_autolabel, list_images
     from sam_train.model import build_sam
 
     checkpoint, *rest = args.inputs
@@ -121,15 +122,50 @@ def _cmd_autolabel(args: argparse.Namespace) -> int:
     images = list_images(sources)
     if not images:
         raise FileNotFoundError(f"no images in {', '.join(sources)}")
-    result = autolabel_images(model, images, out, cfg, round=cfg.round, semi_automatic=args.semi_automatic)
+    if args.finalize:
+        result = finish_autolabel(model, images, out, cfg, round=cfg.round, semi_automatic=args.semi_automatic)
+        for item, reason in result["skipped"]:
+            print(f"skipped {item}: {reason}", file=sys.stderr)
+        print(f"{len(images)} images: {len(result['skipped'])} skipped;"
+              f" {result['total_samples']} samples in {len(result['shards'])} shards -> {out}")
+        return 0
+    rank, world_size, local_rank = _launcher_ranks(args)
+    model = model.to(_autolabel_device(args.device, local_rank))
+    result = autolabel_images(
+        model, images, out, cfg, round=cfg.round, semi_automatic=args.semi_automatic, rank=rank, world_size=world_size
+    )
     run = result["run"]
     for item, reason in run["skipped"]:
         print(f"skipped {item}: {reason}", file=sys.stderr)
-    print(
-        f"{len(images)} images: {run['labelled']} labelled now ({run['masks']} masks), {len(run['skipped'])} skipped;"
-        f" {result['total_samples']} samples in {len(result['shards'])} shards -> {out}"
-    )
+    done = f"{run['labelled']} labelled now ({run['masks']} masks), {len(run['skipped'])} skipped"
+    if world_size > 1:
+        print(f"rank {rank} of {world_size}, {len(images)} images: {done}; finish with --finalize once every rank is done")
+    else:
+        print(f"{len(images)} images: {done}; {result['total_samples']} samples in {len(result['shards'])} shards -> {out}")
     return 0
+
+
+# What launchers tell each process, (rank, world size, rank on its node); torchrun's first: torchrun
+# inside a SLURM job starts the processes that count.
+_LAUNCHER_ENV = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+
+
+def _launcher_ranks(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(rank, world size, rank on this node): --rank/--world-size, else the launcher's variables, else (0, 1, 0)."""
+    names = next((n for n in _LAUNCHER_ENV if n[0] in os.environ), None)
+    rank, world_size, local_rank = (int(os.environ.get(n, d)) for n, d in zip(names, (0, 1, 0))) if names else (0, 1, 0)
+    rank = rank if args.rank is None else args.rank
+    world_size = world_size if args.world_size is None else args.world_size
+    return rank, world_size, local_rank
+
+
+def _autolabel_device(device: str, local_rank: int) -> str:
+    """`auto`: this node's local_rank-th GPU (the only one when the launcher binds one per task), else the CPU."""
+    import torch
+
+    if device != "auto":
+        return device
+    return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
 
 _OVERRIDE = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][\w.]*=")  # Hydra's key=value, +key=value, ~key=value
@@ -273,17 +309,33 @@ def build_parser() -> argparse.ArgumentParser:
     autolabel = commands.add_parser(
         "autolabel",
         help="automatic masks for images -> SA-1B shards (resumable; Hydra overrides of configs/autolabel.yaml)",
-        usage="sam-train autolabel CKPT IMAGES... OUT [--model NAME] [--semi-automatic] [overrides...]",
+        usage="sam-train autolabel CKPT IMAGES... OUT [--model NAME] [--semi-automatic] [--device D]"
+        " [--rank R --world-size W | --finalize] [overrides...]",
         description="CKPT: an official-layout .pth/.safetensors, or `builtin` for the package's pretrained weights."
         " IMAGES: image files or folders of them (any depth). OUT: the shard folder; rerunning the same command"
         " resumes it. Overrides, e.g. `amg.points_per_side=16 amg.crop_n_layers=1 round=2`. The built-in tiny"
-        " predicts IoUs of ~0.2-0.5: pass e.g. `amg.pred_iou_thresh=0.3 amg.stability_score_thresh=0.5` with it.",
+        " predicts IoUs of ~0.2-0.5: pass e.g. `amg.pred_iou_thresh=0.3 amg.stability_score_thresh=0.5` with it."
+        " Several processes (e.g. `srun`, slurm/autolabel.sbatch) share the shards, rank r writing every W-th from"
+        " the r-th, and write no manifest: run the same command once more with --finalize when all are done.",
     )
     autolabel.add_argument("inputs", nargs="+", metavar="CKPT IMAGES... OUT [overrides]")
     autolabel.add_argument("--model", default="tiny", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny")
     autolabel.add_argument(
         "--semi-automatic", action="store_true",
         help="keep only confident masks (configs/autolabel.yaml semi_automatic) and record the uncovered area",
+    )
+    autolabel.add_argument(
+        "--device", default="auto", help="auto (the process's GPU on its node if there is one, else cpu) | cpu | cuda:N"
+    )
+    autolabel.add_argument(
+        "--rank", type=int, help="this process's rank (default: RANK, else SLURM_PROCID, else 0)"
+    )
+    autolabel.add_argument(
+        "--world-size", type=int, help="number of processes (default: WORLD_SIZE, else SLURM_NTASKS, else 1)"
+    )
+    autolabel.add_argument(
+        "--finalize", action="store_true",
+        help="after all ranks: write the manifest, or fail naming the shards still missing; label nothing",
     )
     autolabel.set_defaults(func=_cmd_autolabel)
 

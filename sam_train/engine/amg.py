@@ -46,7 +46,7 @@ from torchvision.ops import nms
 from sam_train.data import rle
 from sam_train.data.convert import IMAGE_SUFFIXES
 from sam_train.data.sa1b import make_record
-from sam_train.data.shards import write_dataset
+from sam_train.data.shards import finish_dataset, write_shards
 from sam_train.engine.records import Provenance, now_iso
 from sam_train.geometry import scale_coords
 from sam_train.model import Sam
@@ -605,32 +605,30 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, bytes, str]:
     return pixels, data, fmt
 
 
-def autolabel_images(
-    model: Sam,
-    images: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    cfg: DictConfig,
-    round: int = 0,
-    semi_automatic: bool = False,
-) -> dict:
-    """Label image files with automatic masks into SA-1B webdataset shards + manifest under `out_dir`.
+@dataclass(frozen=True)
+class AutolabelJob:
+    """What a labelling job is: worked out alike by every rank and by the step that finishes it."""
 
-    One sample per image, key = file stem, members jpg (the file's bytes when it is a JPEG, else a
-    re-encoding) and json (the record of `label_image`). Resumable: a rerun with the same model,
-    images and settings keeps finished shards and labels only the rest; a different job refuses
-    to write into the folder. Returns the manifest plus "run": what this call did, with every
-    image it left out as [file, reason] (unreadable, corrupt, or a repeated sample key).
-    """
+    items: list[tuple[int, tuple[str, Path]]]  # (image_id, (sample key, file)); ids follow key order
+    duplicates: list[list[str]]  # [file, reason]: images whose sample key an earlier file took
+    source: dict  # the manifest's "source": what a resume must match
+    settings: AmgSettings
+    samples_per_shard: int
+
+
+def autolabel_job(
+    model: Sam, images: Sequence[str | os.PathLike], cfg: DictConfig, round: int = 0, semi_automatic: bool = False
+) -> AutolabelJob:
+    """The labelling job of `images`: one sample per distinct key, numbered in key order (stable across reruns)."""
     settings = settings_from_config(cfg, semi_automatic)
-    skipped: list[list[str]] = []
+    duplicates: list[list[str]] = []
     by_key: dict[str, Path] = {}
     for path in sorted((Path(p) for p in images), key=lambda p: (_sample_key(p), str(p))):
         key = _sample_key(path)
         if key in by_key:
-            skipped.append([str(path), f"sample key {key!r} is already taken by {by_key[key]}"])
+            duplicates.append([str(path), f"sample key {key!r} is already taken by {by_key[key]}"])
         else:
             by_key[key] = path
-    items = list(enumerate(by_key.items()))  # (image_id, (key, path)): ids follow key order, stable across reruns
     source = {
         "kind": "autolabel",
         "weights_sha256": weights_digest(model),
@@ -639,14 +637,40 @@ def autolabel_images(
         "amg": settings.as_json(),
         "images_sha256": hashlib.sha256("\n".join(f"{k}\t{p}" for k, p in by_key.items()).encode()).hexdigest(),
     }
-    run = {"labelled": 0, "masks": 0, "skipped": skipped}
+    return AutolabelJob(list(enumerate(by_key.items())), duplicates, source, settings, int(cfg.output.samples_per_shard))
+
+
+def autolabel_images(
+    model: Sam,
+    images: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    cfg: DictConfig,
+    round: int = 0,
+    semi_automatic: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """Label image files with automatic masks into SA-1B webdataset shards + manifest under `out_dir`.
+
+    One sample per image, key = file stem, members jpg (the file's bytes when it is a JPEG, else a
+    re-encoding) and json (the record of `label_image`). Resumable: a rerun with the same model,
+    images and settings keeps finished shards and labels only the rest; a different job refuses
+    to write into the folder. Returns the manifest plus "run": what this call did, with every
+    image it left out as [file, reason] (unreadable, corrupt, or a repeated sample key).
+
+    With `world_size` > 1 this process is rank `rank` of a job whose processes share the shards
+    (`write_shards`): it writes only its own and no manifest, and returns only "run";
+    `finish_autolabel` writes the manifest once every rank is done.
+    """
+    job = autolabel_job(model, images, cfg, round, semi_automatic)
+    run = {"labelled": 0, "masks": 0, "skipped": list(job.duplicates) if rank == 0 else []}  # said once per job
     quality = int(cfg.output.jpeg_quality)
 
     def make_sample(item: tuple[int, tuple[str, Path]]) -> tuple[str, dict[str, bytes]]:
         image_id, (key, path) = item
         pixels, data, fmt = load_image(path)
         try:
-            record = label_image(model, pixels, settings, image_id, path.name, round, semi_automatic)
+            record = label_image(model, pixels, job.settings, image_id, path.name, round, semi_automatic)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
         run["labelled"] += 1
@@ -655,10 +679,32 @@ def autolabel_images(
         return key, {"jpg": jpeg, "json": json.dumps(record, separators=(",", ":")).encode()}
 
     def on_skip(item: tuple[int, tuple[str, Path]], error: Exception) -> None:
-        skipped.append([str(item[1][1]), str(error)])
+        run["skipped"].append([_image_name(item), str(error)])
 
-    manifest = write_dataset(out_dir, items, make_sample, int(cfg.output.samples_per_shard), source, on_skip=on_skip)
+    written = write_shards(
+        out_dir, job.items, make_sample, job.samples_per_shard, job.source, on_skip=on_skip, item_name=_image_name,
+        rank=rank, world_size=world_size,
+    )
+    if world_size > 1:
+        return {"run": run}
+    manifest = finish_dataset(out_dir, len(job.items), job.samples_per_shard, job.source, known=written)
     return {**manifest, "run": run}
+
+
+def finish_autolabel(
+    model: Sam,
+    images: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    cfg: DictConfig,
+    round: int = 0,
+    semi_automatic: bool = False,
+) -> dict:
+    """Write the manifest of a job labelled by several ranks (the same arguments as theirs) once every
+    shard exists; MissingShardsError names those that do not. Returns the manifest plus "skipped":
+    every image the job left out, as [file, reason], whichever rank and run skipped it."""
+    job = autolabel_job(model, images, cfg, round, semi_automatic)
+    manifest = finish_dataset(out_dir, len(job.items), job.samples_per_shard, job.source)
+    return {**manifest, "skipped": job.duplicates + [s for e in manifest["shards"] for s in e.get("skipped", [])]}
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -668,6 +714,10 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def _image_name(item: tuple[int, tuple[str, Path]]) -> str:
+    return str(item[1][1])
 
 
 def _sample_key(path: Path) -> str:
