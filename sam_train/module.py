@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +23,7 @@ from sam_train.evaluation import batch_metrics, evaluate_clicks
 from sam_train.losses import LossWeights, sam_loss
 from sam_train.model import Sam
 from sam_train.model.prompt_encoder import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PAD_LABEL, POSITIVE_LABEL
-from sam_train.optim import lr_multiplier, parameter_groups
+from sam_train.optim import decay_layout, lr_multiplier, parameter_groups
 from sam_train.prompts.simulate import PromptConfig, corrective_clicks, first_point, noisy_boxes, round_schedule
 
 
@@ -71,6 +72,7 @@ class SamModule(L.LightningModule):
             raise ValueError(f"evaluation click counts must be >= 1, got {list(eval_clicks)}")
         self.eval_clicks = tuple(eval_clicks)  # validation reports mIoU after these many clicks (none: the box only)
         self.iou_correlation = PearsonCorrCoef()  # over the whole validation set, not averaged per batch
+        self._decay_layout = decay_layout(model)  # read now: FSDP flattens parameter shapes when it wraps
 
     @classmethod
     def from_config(cls, model: Sam, cfg: DictConfig) -> SamModule:
@@ -99,7 +101,7 @@ class SamModule(L.LightningModule):
         with record_function("encoder"):
             images = self.normalize(batch["images"], batch["content_sizes"])
             embeddings = self.model.encode_image(images)  # B x C x h x w
-        num_masks = self._global_mask_count(len(batch["masks"]))
+        num_masks = self._loss_normaliser(len(batch["masks"]))
         generator = torch.Generator(device=self.device).manual_seed(hash((self.seed, self.global_step, self.global_rank)))
         losses = self.interactive_session(embeddings, batch["masks"], batch["image_index"], num_masks, generator)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(images))
@@ -207,17 +209,29 @@ class SamModule(L.LightningModule):
             return logits
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
-    def _global_mask_count(self, local: int) -> float:
-        """Masks in the whole step across ranks: the loss normaliser, so gradients do not depend on the split."""
-        count = torch.tensor(float(local), device=self.device)
+    def _loss_normaliser(self, local: int) -> float:
+        """Masks in the whole step across ranks, divided by the number of ranks.
+
+        DDP and FSDP average gradients over ranks; dividing each rank's loss sum by
+        (global masks / ranks) makes that average the gradient of (all masks' loss / all masks),
+        the same as one process with the whole batch, however the masks are split.
+        """
         trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            count = trainer.strategy.reduce(count, reduce_op="sum")
-        return max(float(count), 1.0)
+        if trainer is None or trainer.world_size == 1:
+            return max(float(local), 1.0)
+        count = trainer.strategy.reduce(torch.tensor(float(local), device=self.device), reduce_op="sum")
+        return max(float(count), 1.0) / trainer.world_size
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip the global gradient norm; under FSDP through the sharded root module, which sees every shard."""
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         o = self.optim
-        groups = parameter_groups(self.model, o["lr"], o["weight_decay"], o["layer_decay"])
+        groups = parameter_groups(self.model, o["lr"], o["weight_decay"], o["layer_decay"], self._decay_layout)
         optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
         schedule = lr_multiplier(o["schedule"], self.total_steps, o["warmup_steps"], tuple(o["milestones"]), o["gamma"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -24,17 +24,39 @@ def encoder_layer_id(name: str, num_blocks: int) -> int:
     return int(match.group(1)) + 1 if match else num_blocks + 1
 
 
-def parameter_groups(model: Sam, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups: lr scaled by layer_decay ** (distance from the top of the encoder), no decay on 1-D tensors and positional tables."""
+# Prefixes that wrappers (FSDP, activation checkpointing, torch.compile) insert into parameter names.
+_WRAPPERS = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def decay_layout(model: Sam) -> dict[str, tuple[int, bool]]:
+    """(encoder layer, weight decay or not) of every parameter, by unwrapped name.
+
+    Read before a strategy wraps the model: once FSDP shards it, every parameter looks like a
+    flat 1-D tensor, and "no decay on 1-D tensors" would then catch them all.
+    """
     num_blocks = len(model.image_encoder.blocks)
     no_decay_names = {f"image_encoder.{n}" for n in model.image_encoder.no_weight_decay()}
+    return {
+        name: (encoder_layer_id(name, num_blocks), param.ndim > 1 and name not in no_decay_names and "rel_pos" not in name)
+        for name, param in model.named_parameters()
+    }
+
+
+def parameter_groups(
+    model: Sam, lr: float, weight_decay: float, layer_decay: float, layout: dict[str, tuple[int, bool]] | None = None
+) -> list[dict]:
+    """AdamW groups: lr scaled by layer_decay ** (distance from the top of the encoder), no decay on 1-D tensors and positional tables.
+
+    `layout` (`decay_layout` of the unwrapped model) is required once the model is sharded.
+    """
+    layout = layout or decay_layout(model)
+    num_blocks = len(model.image_encoder.blocks)
     groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
+    for wrapped_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer = encoder_layer_id(name, num_blocks)
-        decay = param.ndim > 1 and name not in no_decay_names and "rel_pos" not in name
-        key = (layer, decay)
+        name = _WRAPPERS.sub("", wrapped_name)
+        layer, decay = key = layout[name]
         if key not in groups:
             scale = layer_decay ** (num_blocks + 1 - layer)
             groups[key] = {"params": [], "names": [], "lr": lr * scale, "lr_scale": scale,
