@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -9,6 +15,8 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from sam_train.atomic_io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 class TrainClock(L.Callback):
@@ -78,3 +86,61 @@ class ValidationOverlays(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("val/sessions", [str(path)], step=step, caption=[f"{self.clicks} clicks, step {step}"])
+
+
+class CheckpointOnSignal(L.Callback):
+    """On SIGUSR1 (SLURM's `--signal=SIGUSR1@90` warning), checkpoint at the next step boundary, requeue, stop.
+
+    Lightning's own SLURM handler saves from inside the signal handler, wherever the step happens
+    to be (half-way through the optimiser's update, or with the next batch already counted as
+    consumed), and each rank at a different moment. Here the handler only raises a flag; after
+    the step every rank agrees whether any rank was signalled, all save the same step (model,
+    optimiser, scheduler and data position together), rank 0 asks SLURM to requeue the job, and
+    training stops cleanly. The requeued job (same $SLURM_JOB_ID, so the same run folder)
+    resumes from that checkpoint with `resume=auto`: no sample repeated, none skipped.
+    """
+
+    def __init__(self, folder: Path, signum: int = signal.SIGUSR1) -> None:
+        self.folder, self.signum = Path(folder), signum
+        self._signalled = False
+        self._previous = None
+        self.stopped = False  # whether this fit ended on a signal
+
+    def _handle(self, signum: int, frame) -> None:
+        self._signalled = True
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
+            self._previous = signal.signal(self.signum, self._handle)
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+            return
+        path = self.folder / f"preempted-step={trainer.global_step}.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning("signal %d: saved %s at step %d; stopping", self.signum, path, trainer.global_step)
+        if trainer.is_global_zero:
+            requeue_slurm_job()
+        trainer.should_stop = True
+        self.stopped = True
+        self._signalled = False
+
+
+def requeue_slurm_job() -> None:
+    """`scontrol requeue` this job (array task included); outside SLURM, or without scontrol, only say so."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job or shutil.which("scontrol") is None:
+        log.warning("not requeued (no SLURM job or no scontrol): rerun with resume=auto to continue")
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode:
+        log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
+    else:
+        log.warning("requeued SLURM job %s", job)

@@ -10,26 +10,36 @@ from __future__ import annotations
 import netrc
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sam_train.atomic_io import atomic_write_bytes
-from sam_train.callbacks import TrainClock, ValidationOverlays
+from sam_train.callbacks import CheckpointOnSignal, TrainClock, ValidationOverlays
 from sam_train.model import FinetuneConfig, Sam, build_sam, export_official, merge_lora, prepare_finetune
 from sam_train.module import SamModule
 from sam_train.report import draw_curves, draw_sessions, final_metrics, read_log, write_report
 
 
+RUN_ID_ENV = "SAM_TRAIN_RUN_ID"
+
+
 def run_directory(cfg: DictConfig) -> Path:
-    """Where this run writes: `run_dir` if set, else keyed by $SLURM_JOB_ID so a requeued job finds its own folder."""
+    """Where this run writes: `run_dir` if set, else keyed by $SLURM_JOB_ID so a requeued job finds its own folder.
+
+    Without either, a timestamp, exported as $SAM_TRAIN_RUN_ID so that the processes Lightning
+    starts for the other ranks (which inherit the environment) write to the same folder.
+    """
     if cfg.run_dir:
         return Path(cfg.run_dir)
-    run_id = cfg.run_id or os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+    run_id = cfg.run_id or os.environ.get("SLURM_JOB_ID") or os.environ.get(RUN_ID_ENV) or time.strftime("%Y%m%d-%H%M%S")
+    os.environ[RUN_ID_ENV] = str(run_id)
     return Path(cfg.output_root) / cfg.name / str(run_id)
 
 
@@ -77,8 +87,12 @@ def build_model(cfg: DictConfig) -> Sam:
     return prepare_finetune(model, FinetuneConfig(**cfg.finetune))  # after loading: LoRA starts from the official weights
 
 
-def fit(cfg: DictConfig) -> Path:
-    """Train as `cfg` says; returns the run folder."""
+def fit(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
+    """Train as `cfg` says (plus any extra `callbacks`); returns the run folder.
+
+    A run stopped by SIGUSR1 (preemption) returns right after its checkpoint: no final
+    validation or export, which belong to the end of training, not to the job's last seconds.
+    """
     L.seed_everything(cfg.seed, workers=True)
     run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +101,7 @@ def fit(cfg: DictConfig) -> Path:
     model = build_model(cfg.model)
     datamodule = instantiate(cfg.data, image_size=model.image_size, bad_samples_log=str(run_dir / "bad_samples.jsonl"))
     module = SamModule.from_config(model, cfg)
+    on_signal = CheckpointOnSignal(run_dir / "checkpoints")
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_steps=cfg.total_steps,
@@ -96,10 +111,16 @@ def fit(cfg: DictConfig) -> Path:
             LearningRateMonitor(logging_interval="step"),
             TrainClock(),
             ValidationOverlays(run_dir / "overlays", cfg.logger.overlay_every_n_steps, max(cfg.evaluation.clicks)),
+            on_signal,
+            *callbacks,
         ],
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        # Under SLURM, Lightning reads ranks and nodes from the allocation; the requeue on SIGUSR1 is ours.
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
+        **trainer_arguments(cfg.trainer),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir), weights_only=True)
+    if on_signal.stopped:
+        return run_dir
     results = trainer.validate(module, datamodule=datamodule, verbose=False) if cfg.data.val else []
     logged = results[0] if results else {}  # none when validation is off (trainer.limit_val_batches=0)
     if trainer.is_global_zero:
@@ -107,6 +128,14 @@ def fit(cfg: DictConfig) -> Path:
         summary = report_run(run_dir, cfg, module, datamodule, logged, trainer.global_step)
         print(summary)
     return run_dir
+
+
+def trainer_arguments(trainer: DictConfig) -> dict:
+    """The trainer group as Trainer keyword arguments; a `strategy` with `_target_` (FSDP's options) is built."""
+    arguments = OmegaConf.to_container(trainer, resolve=True)
+    if isinstance(arguments.get("strategy"), dict):
+        arguments["strategy"] = instantiate(arguments["strategy"])
+    return arguments
 
 
 def report_run(run_dir: Path, cfg: DictConfig, module: SamModule, datamodule, logged: dict, steps: int) -> str:

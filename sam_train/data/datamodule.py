@@ -37,12 +37,12 @@ def collate_stream(items: list[tuple[TrainSample, list[dict]]]) -> dict:
 class _PositionedLoader(DataLoader):
     """A DataLoader that asks where to start each time an epoch's iteration begins."""
 
-    def __init__(self, dataset: ShardStream, next_position: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+    def __init__(self, dataset: ShardStream, next_position: Callable[[int], tuple[int, int]], **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self._next_position = next_position
 
     def __iter__(self):
-        self.dataset.set_position(*self._next_position())
+        self.dataset.set_position(*self._next_position(len(self)))
         return super().__iter__()
 
     def __len__(self) -> int:
@@ -81,8 +81,6 @@ class SA1BDataModule(L.LightningDataModule):
         self.bad_samples = 0
         self._epoch = 0
         self._consumed = 0  # training batches of `_epoch` handed to the model
-        self._resume: dict | None = None
-        self._iterations = 0
 
     def prepare_data(self) -> None:
         """With `synthesize`, write the built-in synthetic shards where train/val point (once; reruns keep them)."""
@@ -114,7 +112,7 @@ class SA1BDataModule(L.LightningDataModule):
         stream.check_layout(num_workers)
         return stream
 
-    def _loader(self, stream: ShardStream, next_position: Callable[[], tuple[int, int]], num_workers: int) -> DataLoader:
+    def _loader(self, stream: ShardStream, next_position: Callable[[int], tuple[int, int]], num_workers: int) -> DataLoader:
         return _PositionedLoader(
             stream,
             next_position,
@@ -136,16 +134,19 @@ class SA1BDataModule(L.LightningDataModule):
         _, world = self._rank_world()
         workers = min(self.num_workers, max(1, len(resolve_shards(self.val_sources)) // world))
         workers = workers if self.num_workers else 0
-        return self._loader(self._stream(self.val_sources, self.val_cfg, None, workers), lambda: (0, 0), workers)
+        return self._loader(self._stream(self.val_sources, self.val_cfg, None, workers), lambda batches: (0, 0), workers)
 
-    def _next_train_position(self) -> tuple[int, int]:
-        """Called as each training epoch starts: its number and the batch to start from."""
-        epoch = self.trainer.current_epoch if self.trainer is not None else self._iterations
-        self._iterations += 1
-        start = self._resume["batches"] if self._resume and self._resume["epoch"] == epoch else 0
-        self._resume = None
-        self._epoch, self._consumed = epoch, start
-        return epoch, start
+    def _next_train_position(self, batches_per_epoch: int) -> tuple[int, int]:
+        """Called as each training iteration begins: continue the data where it stopped.
+
+        The unfinished epoch goes on from its next batch, a finished one gives way to the next
+        epoch. The data's own count is the truth, not the Trainer's epoch counter: Lightning,
+        resumed from a checkpoint taken at an epoch's last batch, opens an empty remainder of that
+        epoch and then counts one epoch too many.
+        """
+        if self._consumed >= batches_per_epoch:
+            self._epoch, self._consumed = self._epoch + 1, 0
+        return self._epoch, self._consumed
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         skipped = batch.pop("skipped", [])
@@ -179,7 +180,7 @@ class SA1BDataModule(L.LightningDataModule):
         return {"epoch": self._epoch, "batches": self._consumed, "bad_samples": self.bad_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        self._epoch, self._consumed = int(state["epoch"]), int(state["batches"])
         self.bad_samples = int(state.get("bad_samples", 0))
 
 
