@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 
 from sam_train.atomic_io import atomic_write_bytes
 
@@ -65,6 +66,9 @@ class ValidationOverlays(L.Callback):
     """Every `every_n_steps`, draws click sessions of the first validation batch (image, clicks, predicted vs
     true mask) into `<run>/overlays/step_<N>.png`, and to wandb when it logs: numbers say how much a model
     improves, pictures say where it fails (boundaries, small parts, ambiguity).
+
+    Not under FSDP: there a forward pass on rank 0 alone would wait forever for the other ranks'
+    shards (the run's final overlay.png is still drawn, from the gathered weights).
     """
 
     def __init__(self, folder: Path, every_n_steps: int, clicks: int) -> None:
@@ -75,7 +79,8 @@ class ValidationOverlays(L.Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         step = trainer.global_step
         due = self._last_step < 0 or step - self._last_step >= self.every_n_steps
-        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or not due or not len(batch["masks"]):
+        if (batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or not due or not len(batch["masks"])
+                or isinstance(trainer.strategy, FSDPStrategy)):
             return
         from sam_train.report import draw_sessions  # the report draws with the module: import at use, no cycle
 

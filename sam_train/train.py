@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -123,11 +124,27 @@ def fit(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
         return run_dir
     results = trainer.validate(module, datamodule=datamodule, verbose=False) if cfg.data.val else []
     logged = results[0] if results else {}  # none when validation is off (trainer.limit_val_batches=0)
+    whole = whole_module(trainer, module, cfg)
     if trainer.is_global_zero:
-        export_official(merge_lora(model), run_dir / f"sam_{cfg.model.name}.pth")
-        summary = report_run(run_dir, cfg, module, datamodule, logged, trainer.global_step)
+        export_official(merge_lora(whole.model), run_dir / f"sam_{cfg.model.name}.pth")
+        summary = report_run(run_dir, cfg, whole, datamodule, logged, trainer.global_step)
         print(summary)
     return run_dir
+
+
+def whole_module(trainer: L.Trainer, module: SamModule, cfg: DictConfig) -> SamModule:
+    """The trained module with whole (unsharded) weights on rank 0, for export and the report.
+
+    Under FSDP every rank holds a shard and any forward pass is a collective: the shards are
+    gathered (all ranks take part) into a plain copy that rank 0 can run alone.
+    """
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return module
+    state = trainer.strategy.lightning_module_state_dict()  # full on rank 0, empty elsewhere
+    whole = SamModule.from_config(build_model(cfg.model), cfg)
+    if trainer.is_global_zero:
+        whole.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return whole.to(module.device)
 
 
 def trainer_arguments(trainer: DictConfig) -> dict:
