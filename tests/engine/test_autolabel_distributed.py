@@ -123,10 +123,7 @@ def test_a_rank_killed_mid_way_resumes_with_every_image_once(tmp_path):
     assert finish(first[1]).returncode == 0
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert "shard-000006.tar" not in kept, "rank 0 was killed after its last shard: nothing to resume"
-
-    early = autolabel(images, out, *args, "--finalize")
-    assert early.returncode != 0 and "shard-000006.tar" in early.stderr and "shard-000001.tar" not in early.stderr
-    assert not (out / MANIFEST).exists()
+    assert not (out / MANIFEST).exists()  # test_finalize_names_the_shards_not_written_yet: what finalize says now
 
     again = [finish(p) for p in [start_autolabel(images, out, *args, "--rank", str(r), "--world-size", "2")
                                  for r in range(2)]]
