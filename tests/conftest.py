@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,25 @@ def tiny_pair():
     ours = build_sam("tiny").eval()
     ours.load_state_dict(official_to_internal(meta.state_dict()), strict=True)
     return ours, meta
+
+
+# Variables by which launchers (torchrun, Lightning, SLURM) tell a process its rank: a test that starts
+# processes hands them only the ones it means (the suite itself may run inside a SLURM job).
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def process_env(**variables: str) -> dict[str, str]:
+    """This environment without any launcher's rank variables, one thread per process (ranks share
+    2 cores), the repository importable, plus `variables`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_VARIABLES}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **variables}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_synth(root: Path, images: int, per_shard: int, seed: int = 0) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 
 from sam_train.config import load_config
 from sam_train.train import fit
-from tests.conftest import REPO_ROOT, make_synth
+from tests.conftest import REPO_ROOT, free_port, make_synth, process_env
 from tests.training_probe import StepRecorder
 
 # Noise-free boxes, no corrective clicks, two rounds feeding the logits back: prompts that do not
@@ -39,19 +38,10 @@ def fit_overrides(data: Path, out: Path, batch_size: int, steps: int) -> list[st
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def probe(out: Path, overrides: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        if name not in (env or {}):
-            environment.pop(name, None)
     return subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "training_probe.py"), str(out), *overrides],
-                            cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO_ROOT, env=process_env(**(env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def finish(*processes: subprocess.Popen, timeout: float = 300) -> None:

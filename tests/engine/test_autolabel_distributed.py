@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import signal
 import subprocess
 import sys
@@ -22,11 +21,11 @@ from sam_train.data.shards import JOB_FILE, MANIFEST, MissingShardsError, iter_r
 from sam_train.data.synthetic import draw_scene
 from sam_train.engine.amg import autolabel_images, finish_autolabel, list_images
 from sam_train.model import build_sam
+from tests.conftest import process_env
 
 # 4 x 4 prompts on 60 x 80 images keep a process to a few seconds; the built-in tiny's IoU head
 # predicts 0.2-0.5, so the filters are relaxed to leave masks to compare.
 FAST = ["amg.points_per_side=4", "amg.pred_iou_thresh=0.3", "amg.stability_score_thresh=0.5"]
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def write_images(folder: Path, count: int) -> list[Path]:
@@ -38,13 +37,6 @@ def write_images(folder: Path, count: int) -> list[Path]:
         Image.fromarray(draw_scene(np.random.default_rng(i), 60, 80).image).save(path)
         paths.append(path)
     return paths
-
-
-def process_env(**variables: str) -> dict[str, str]:
-    """This environment without any launcher's rank variables (the tests may run inside a SLURM job),
-    one thread per process (ranks share 2 cores), plus `variables`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_VARIABLES}
-    return {**env, "OMP_NUM_THREADS": "1", **variables}
 
 
 def start_autolabel(images: Path, out: Path, *args: str, **variables: str) -> subprocess.Popen:

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from sam_train.data.shards import read_manifest
-from tests.engine.test_autolabel_distributed import FAST, process_env, samples_of, write_images
+from tests.conftest import process_env
+from tests.engine.test_autolabel_distributed import FAST, samples_of, write_images
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SBATCH = REPO_ROOT / "slurm" / "autolabel.sbatch"

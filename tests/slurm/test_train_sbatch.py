@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,8 +13,7 @@ from pathlib import Path
 import torch
 
 from sam_train.report import read_log
-from tests.conftest import make_synth
-from tests.engine.test_autolabel_distributed import process_env
+from tests.conftest import free_port, make_synth, process_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SBATCH = REPO_ROOT / "slurm" / "train.sbatch"
@@ -40,9 +38,7 @@ def test_train_sbatch_on_two_nodes_checkpoints_on_sigusr1_requeues_and_resumes(t
     (bin_dir / "srun").symlink_to(FAKE_SRUN)
     (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
     (bin_dir / "scontrol").chmod(0o755)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     steps = 16
     overrides = [
         f"output_root={tmp_path}", "run_dir=null", f"total_steps={steps}", "checkpoint_every=2",
@@ -55,7 +51,7 @@ def test_train_sbatch_on_two_nodes_checkpoints_on_sigusr1_requeues_and_resumes(t
         # The batch step's variables for 2 nodes x 1 task; MASTER_PORT free instead of one from the job id.
         SLURM_JOB_ID="777", SLURM_JOB_NAME="sam-train", SLURM_NNODES="2", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1",
         SLURM_CPUS_PER_TASK="1", SLURM_NODELIST="localhost", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
-        MASTER_PORT=str(port), PYTHONPATH=str(REPO_ROOT),
+        MASTER_PORT=str(port),
         EXPERIMENT="quickstart", OVERRIDES=" ".join(overrides), SAM_TRAIN=f"{sys.executable} -m sam_train.cli",
     )
     run = tmp_path / "quickstart" / "777"  # keyed by SLURM_JOB_ID: the requeued job finds it
