@@ -50,6 +50,7 @@ from sam_train.data.shards import finish_dataset, write_shards
 from sam_train.engine.records import Provenance, now_iso
 from sam_train.geometry import scale_coords
 from sam_train.model import Sam
+from sam_train.model.checkpoint import weights_digest
 from sam_train.model.mask_decoder import PROMPTS_PER_PASS, MaskDecoder
 from sam_train.model.transformer import SharedImage
 from sam_train.predictor import SamPredictor
@@ -705,15 +706,6 @@ def finish_autolabel(
     job = autolabel_job(model, images, cfg, round, semi_automatic)
     manifest = finish_dataset(out_dir, len(job.items), job.samples_per_shard, job.source)
     return {**manifest, "skipped": job.duplicates + [s for e in manifest["shards"] for s in e.get("skipped", [])]}
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state dict (names and bytes): which weights labelled a dataset, for safe resumes."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def _image_name(item: tuple[int, tuple[str, Path]]) -> str:

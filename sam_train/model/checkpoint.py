@@ -8,6 +8,7 @@ MLP (`mlp.fc1`/`mlp.fc2` here, `mlp.lin1`/`mlp.lin2` in Meta's files).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -112,3 +113,12 @@ def export_official(model: nn.Module, path: str | os.PathLike) -> Path:
 def _first(keys: list[str]) -> str:
     shown = ", ".join(keys[:_LISTED])
     return shown + (f", ... (+{len(keys) - _LISTED} more)" if len(keys) > _LISTED else "")
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names and bytes): which weights made a dataset or a cache, for safe reuse."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
