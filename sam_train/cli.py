@@ -7,6 +7,12 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: `sam-train --help` stays fast
+    from omegaconf import DictConfig
+
+    from sam_train.model import Sam
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -103,22 +109,30 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_autolabel(args: argparse.Namespace) -> int:
+def _model_inputs(args: argparse.Namespace, config: str, inputs: str) -> tuple[DictConfig, Sam, list[str], str]:
+    """`CKPT INPUTS... OUT [overrides]` (autolabel, embed): the composed config, the model with CKPT's
+    weights (`builtin`: the package's), the inputs and OUT."""
     from sam_train.config import load_config
-    from sam_train.engine.amg import autolabel_images, finish_autolabel, list_images
     from sam_train.model import build_sam
 
     checkpoint, *rest = args.inputs
     overrides = [a for a in rest if _is_override(a)]
     paths = [a for a in rest if not _is_override(a)]
     if len(paths) < 2:
-        raise ValueError("autolabel needs CKPT, at least one image or folder, and OUT")
+        raise ValueError(f"{args.command} needs CKPT, at least one {inputs}, and OUT")
     *sources, out = paths
-    cfg = load_config("autolabel", [f"model={args.model}", *overrides])
+    cfg = load_config(config, [f"model={args.model}", *overrides])
     if checkpoint == "builtin":
         model = build_sam(cfg.model.name, pretrained=True)
     else:
         model = build_sam(cfg.model.name, checkpoint=checkpoint)
+    return cfg, model, sources, out
+
+
+def _cmd_autolabel(args: argparse.Namespace) -> int:
+    from sam_train.engine.amg import autolabel_images, finish_autolabel, list_images
+
+    cfg, model, sources, out = _model_inputs(args, "autolabel", "image or folder")
     images = list_images(sources)
     if not images:
         raise FileNotFoundError(f"no images in {', '.join(sources)}")
@@ -130,7 +144,7 @@ def _cmd_autolabel(args: argparse.Namespace) -> int:
               f" {result['total_samples']} samples in {len(result['shards'])} shards -> {out}")
         return 0
     rank, world_size, local_rank = _launcher_ranks(args)
-    model = model.to(_autolabel_device(args.device, local_rank))
+    model = model.to(_process_device(args.device, local_rank))
     result = autolabel_images(
         model, images, out, cfg, round=cfg.round, semi_automatic=args.semi_automatic, rank=rank, world_size=world_size
     )
@@ -159,13 +173,50 @@ def _launcher_ranks(args: argparse.Namespace) -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
-def _autolabel_device(device: str, local_rank: int) -> str:
+def _process_device(device: str, local_rank: int) -> str:
     """`auto`: this node's local_rank-th GPU (the only one when the launcher binds one per task), else the CPU."""
     import torch
 
     if device != "auto":
         return device
     return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from sam_train.embed import embed_shards, finish_embed
+
+    cfg, model, sources, out = _model_inputs(args, "embed", "shard folder or tar")
+    rank, world_size, local_rank = _launcher_ranks(args)
+    if args.finalize:
+        result = finish_embed(model, sources, out, cfg)
+        skipped = result["skipped"]
+    else:
+        result = embed_shards(model.to(_process_device(args.device, local_rank)), sources, out, cfg, rank, world_size)
+        skipped = result["run"]["skipped"]
+    for item, reason in skipped:
+        print(f"skipped {item}: {reason}", file=sys.stderr)
+    if "shards" not in result:
+        print(f"rank {rank} of {world_size}: {result['run']['embedded']} embedded now, {len(skipped)} skipped;"
+              " finish with --finalize once every rank is done")
+    else:
+        print(f"{result['total_samples']} embeddings ({', '.join(result['source']['variants'])}; {cfg.dtype})"
+              f" in {len(result['shards'])} shards -> {out}; train with data.embedding_cache={out}")
+    return 0
+
+
+def _add_rank_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --rank, --world-size and --finalize of the commands whose processes share the shards they write."""
+    parser.add_argument(
+        "--device", default="auto", help="auto (the process's GPU on its node if there is one, else cpu) | cpu | cuda:N"
+    )
+    parser.add_argument("--rank", type=int, help="this process's rank (default: RANK, else SLURM_PROCID, else 0)")
+    parser.add_argument(
+        "--world-size", type=int, help="number of processes (default: WORLD_SIZE, else SLURM_NTASKS, else 1)"
+    )
+    parser.add_argument(
+        "--finalize", action="store_true",
+        help="after all ranks: write the manifest, or fail naming the shards still missing; compute nothing",
+    )
 
 
 _OVERRIDE = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][\w.]*=")  # Hydra's key=value, +key=value, ~key=value
@@ -324,20 +375,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--semi-automatic", action="store_true",
         help="keep only confident masks (configs/autolabel.yaml semi_automatic) and record the uncovered area",
     )
-    autolabel.add_argument(
-        "--device", default="auto", help="auto (the process's GPU on its node if there is one, else cpu) | cpu | cuda:N"
-    )
-    autolabel.add_argument(
-        "--rank", type=int, help="this process's rank (default: RANK, else SLURM_PROCID, else 0)"
-    )
-    autolabel.add_argument(
-        "--world-size", type=int, help="number of processes (default: WORLD_SIZE, else SLURM_NTASKS, else 1)"
-    )
-    autolabel.add_argument(
-        "--finalize", action="store_true",
-        help="after all ranks: write the manifest, or fail naming the shards still missing; label nothing",
-    )
+    _add_rank_options(autolabel)
     autolabel.set_defaults(func=_cmd_autolabel)
+
+    embed = commands.add_parser(
+        "embed",
+        help="image embeddings of every sample -> a cache for decoder-only training (resumable; configs/embed.yaml)",
+        usage="sam-train embed CKPT SHARDS... OUT [--model NAME] [--device D] [--rank R --world-size W | --finalize]"
+        " [overrides...]",
+        description="CKPT: an official-layout .pth/.safetensors, or `builtin`. SHARDS: dataset folders, folders of"
+        " tars or tars (train and val: training reads every sample from the cache). OUT: the cache folder, keyed to"
+        " CKPT's image encoder and the preprocessing; rerunning the same command resumes it. Overrides, e.g."
+        " `hflip=true dtype=float16`. Several processes share the shards as in autolabel, then --finalize.",
+    )
+    embed.add_argument("inputs", nargs="+", metavar="CKPT SHARDS... OUT [overrides]")
+    embed.add_argument("--model", default="tiny", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny")
+    _add_rank_options(embed)
+    embed.set_defaults(func=_cmd_embed)
 
     models = commands.add_parser("models", help="list the named model configurations")
     models.set_defaults(func=_cmd_models)

@@ -19,6 +19,7 @@ from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 from torchmetrics.regression import PearsonCorrCoef
 
+from sam_train.embed import check_cache_fits
 from sam_train.evaluation import batch_metrics, evaluate_clicks
 from sam_train.losses import LossWeights, sam_loss
 from sam_train.model import Sam
@@ -88,24 +89,33 @@ class SamModule(L.LightningModule):
         )
 
     def normalize(self, images: torch.Tensor, content_sizes: torch.Tensor) -> torch.Tensor:
-        """uint8 canvases -> normalised input with exact zeros in the padding (as `Sam.preprocess` pads)."""
-        x = (images.float() - self.model.pixel_mean) / self.model.pixel_std
-        size = images.shape[-1]
-        rows = torch.arange(size, device=images.device)
-        inside = (rows[None, :, None] < content_sizes[:, 0, None, None]) & (rows[None, None, :] < content_sizes[:, 1, None, None])
-        return x * inside[:, None]
+        """uint8 canvases -> normalised input with exact zeros in the padding (`Sam.normalize_canvas`)."""
+        return self.model.normalize_canvas(images, content_sizes)
+
+    def image_embeddings(self, batch: dict) -> torch.Tensor:
+        """B x C x h x w: the batch's cached `embeddings` when the data brings them (decoder-only training
+        from `data.embedding_cache`, checked against this model in `setup`), else the image encoder's."""
+        if "embeddings" in batch:
+            return batch["embeddings"]
+        return self.model.encode_image(self.normalize(batch["images"], batch["content_sizes"]))
+
+    def setup(self, stage: str) -> None:
+        """Refuse an embedding cache made by another encoder, or one that training would change."""
+        cache = getattr(self._trainer.datamodule, "embedding_cache", None) if self._trainer is not None else None
+        if cache is not None:
+            check_cache_fits(self.model, cache)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Named scopes ("encoder", "prompts", "decoder", "loss") are what scripts/bench_train.py
         # profiles; without a profiler running they cost nothing.
         with record_function("encoder"):
-            images = self.normalize(batch["images"], batch["content_sizes"])
-            embeddings = self.model.encode_image(images)  # B x C x h x w
+            embeddings = self.image_embeddings(batch)  # B x C x h x w
+        images = len(embeddings)
         num_masks = self._loss_normaliser(len(batch["masks"]))
         generator = torch.Generator(device=self.device).manual_seed(hash((self.seed, self.global_step, self.global_rank)))
         losses = self.interactive_session(embeddings, batch["masks"], batch["image_index"], num_masks, generator)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(images))
-        self.log("train/loss", losses["total"], prog_bar=True, batch_size=len(images))
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=images)
+        self.log("train/loss", losses["total"], prog_bar=True, batch_size=images)
         return losses["total"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -113,7 +123,7 @@ class SamModule(L.LightningModule):
         targets = batch["masks"]
         if len(targets) == 0:
             return
-        embeddings = self.model.encode_image(self.normalize(batch["images"], batch["content_sizes"]))
+        embeddings = self.image_embeddings(batch)
         result = evaluate_clicks(self.model, embeddings, targets, batch["image_index"], self.eval_clicks)
         metrics = {f"val/{name}": value for name, value in batch_metrics(result).items()}
         self.log_dict(metrics, batch_size=len(targets), sync_dist=True)

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from sam_train.data.embeddings import EmbeddingCache
 from sam_train.data.iteration import ShardStream
 from sam_train.data.pipeline import SampleConfig, TrainSample, collate, decode_sample, expand_batch, sample_rng
 from sam_train.data.shards import RawSample, resolve_shards
@@ -22,9 +23,14 @@ from sam_train.data.synth import synth_dataset
 log = logging.getLogger(__name__)
 
 
-def decode_for_stream(cfg: SampleConfig, seed: int, raw: RawSample, epoch: int) -> TrainSample | None:
-    """Picklable decode callable for DataLoader workers."""
-    return decode_sample(raw, cfg, sample_rng(seed, epoch, raw.key))
+def decode_for_stream(
+    cfg: SampleConfig, seed: int, raw: RawSample, epoch: int, cache: EmbeddingCache | None = None
+) -> TrainSample | None:
+    """Picklable decode callable for DataLoader workers; with a cache, the sample brings its canvas's embedding."""
+    sample = decode_sample(raw, cfg, sample_rng(seed, epoch, raw.key))
+    if sample is not None and cache is not None:
+        sample.embedding = cache.load(raw.key, sample.flip)  # the variant the sample's own flip chose
+    return sample
 
 
 def collate_stream(items: list[tuple[TrainSample, list[dict]]]) -> dict:
@@ -67,6 +73,7 @@ class SA1BDataModule(L.LightningDataModule):
         bad_samples_log: str | None = None,
         pin_memory: bool = True,
         synthesize: dict | None = None,
+        embedding_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.train_sources, self.val_sources = list(train), list(val)
@@ -78,6 +85,10 @@ class SA1BDataModule(L.LightningDataModule):
         self.bad_samples_log = Path(bad_samples_log) if bad_samples_log else None
         self.pin_memory = pin_memory
         self.synthesize = dict(synthesize) if synthesize else None
+        # Batches bring `embeddings` read from this `sam-train embed` folder; the module then skips the encoder.
+        self.embedding_cache = EmbeddingCache(embedding_cache) if embedding_cache else None
+        if self.embedding_cache is not None:
+            self.embedding_cache.check_augmentation(self.sample_cfg)
         self.bad_samples = 0
         self._epoch = 0
         self._consumed = 0  # training batches of `_epoch` handed to the model
@@ -100,7 +111,7 @@ class SA1BDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         stream = ShardStream(
             resolve_shards(sources),
-            decode=partial(decode_for_stream, cfg, self.seed),
+            decode=partial(decode_for_stream, cfg, self.seed, cache=self.embedding_cache),
             batch_size=self.batch_size,
             seed=self.seed,
             rank=rank,

@@ -10,6 +10,7 @@ full source size) happen once the batch is on the training device (`expand_batch
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 import zlib
@@ -25,6 +26,11 @@ from sam_train.data import rle
 from sam_train.data.sa1b import parse_record
 from sam_train.data.shards import RawSample
 from sam_train.geometry import longest_side_shape
+
+
+# Bump when the canvas an image becomes changes (placement, resizing, padding): embedding caches
+# record it, and one made from older canvases is then refused instead of silently mismatched.
+CANVAS_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class TrainSample:
     flip: bool  # mirror the image; grid columns come out mirrored: flip the rasterised masks back
     content_size: tuple[int, int]  # (h, w) the pixels are resized to, at the canvas's top-left
     original_size: tuple[int, int]  # (h, w) of the source image
+    embedding: torch.Tensor | None = None  # C x h x w: the encoder's output for this canvas, from a cache
 
 
 @dataclass(frozen=True)
@@ -122,17 +129,22 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
 
 
-def decode_sample(raw: RawSample, cfg: SampleConfig, rng: np.random.Generator) -> TrainSample | None:
-    """Decode one raw sample; None when no mask survives filtering. Raises `SampleError` if it is bad."""
+def _record(raw: RawSample) -> dict:
+    """The sample's SA-1B record, its annotations unchecked; raises `SampleError` if the sample is bad."""
     if raw.error:
         raise raw.fail(raw.error)
     for ext in ("jpg", "json"):
         if ext not in raw.members:
             raise raw.fail(f"no .{ext} member")
     try:
-        record = parse_record(raw.members["json"], check_annotations=False)
+        return parse_record(raw.members["json"], check_annotations=False)
     except ValueError as exc:
         raise raw.fail(str(exc)) from None
+
+
+def decode_sample(raw: RawSample, cfg: SampleConfig, rng: np.random.Generator) -> TrainSample | None:
+    """Decode one raw sample; None when no mask survives filtering. Raises `SampleError` if it is bad."""
+    record = _record(raw)
     height, width = record["image"]["height"], record["image"]["width"]
     placement = Placement.choose(height, width, cfg, rng)
 
@@ -165,6 +177,28 @@ def decode_sample(raw: RawSample, cfg: SampleConfig, rng: np.random.Generator) -
         grid_rows=torch.from_numpy(rows),
         grid_cols=torch.from_numpy(cols),
         flip=placement.flip,
+        content_size=placement.content,
+        original_size=(height, width),
+    )
+
+
+def decode_image(raw: RawSample, cfg: SampleConfig, flip: bool) -> TrainSample:
+    """The sample's image alone (no masks), placed as training places it without jitter, mirrored if
+    `flip`: after `collate` and `expand_batch`, exactly the encoder's input (what embedding caches hold)."""
+    record = _record(raw)
+    height, width = record["image"]["height"], record["image"]["width"]
+    unjittered = dataclasses.replace(cfg, jitter_scale=None, hflip_prob=0.0)  # draws nothing from the generator
+    placement = dataclasses.replace(Placement.choose(height, width, unjittered, np.random.default_rng(0)), flip=flip)
+    rows, cols = placement.mask_grid(cfg.mask_size, cfg.mask_stride)
+    return TrainSample(
+        key=raw.key,
+        shard=raw.shard,
+        pixels=_decode_pixels(raw, placement),
+        mask_runs=torch.zeros(0, dtype=torch.int64),
+        mask_offsets=torch.zeros(1, dtype=torch.int64),
+        grid_rows=torch.from_numpy(rows),
+        grid_cols=torch.from_numpy(cols),
+        flip=flip,
         content_size=placement.content,
         original_size=(height, width),
     )
@@ -220,7 +254,7 @@ def collate(samples: list[TrainSample]) -> dict:
         pixels[i, : s.pixels.shape[0], : s.pixels.shape[1]] = s.pixels
     counts = torch.tensor([len(s.mask_offsets) - 1 for s in samples])
     run_base = torch.tensor([0] + [int(s.mask_offsets[-1]) for s in samples]).cumsum(0)[:-1]
-    return {
+    batch = {
         "pixels": pixels,  # B x h x w x 3 uint8
         "pixel_sizes": torch.tensor([s.pixels.shape[:2] for s in samples], dtype=torch.long),  # B x 2
         "mask_runs": torch.cat([s.mask_runs for s in samples]),
@@ -236,6 +270,9 @@ def collate(samples: list[TrainSample]) -> dict:
         "original_sizes": torch.tensor([s.original_size for s in samples], dtype=torch.long),  # B x 2
         "keys": [s.key for s in samples],
     }
+    if samples[0].embedding is not None:  # a cache gives every sample its embedding, or none
+        batch["embeddings"] = torch.stack([s.embedding for s in samples])  # B x C x h x w
+    return batch
 
 
 def expand_batch(batch: dict, image_size: int) -> dict:

@@ -162,6 +162,7 @@ def finish_dataset(
     source: dict[str, Any],
     prefix: str = "shard",
     known: Mapping[str, dict] | None = None,
+    dataset_format: str = "sa1b-webdataset",
 ) -> dict:
     """Write the manifest of a job's `items` items once every one of its shards exists; return it.
 
@@ -184,7 +185,7 @@ def finish_dataset(
     entries = [(known or {}).get(p.name) or _finished_entry(p) for p in paths]
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "format": "sa1b-webdataset",
+        "format": dataset_format,  # what the samples hold: SA-1B images and masks, or e.g. embeddings
         "source": source,
         "samples_per_shard": samples_per_shard,
         "total_samples": sum(e["samples"] for e in entries),
@@ -293,13 +294,18 @@ def resolve_shards(sources: Sequence[str | os.PathLike]) -> list[ShardRef]:
 
 def count_samples(path: str | os.PathLike) -> int:
     """Number of distinct keys in a local tar, reading only member headers (fast on 10 GB tars)."""
-    keys = set()
+    return len(shard_keys(path))
+
+
+def shard_keys(path: str | os.PathLike) -> list[str]:
+    """The distinct sample keys of a local tar in the order they first appear, from member headers alone."""
+    keys: dict[str, None] = {}
     with tarfile.open(path, mode="r:*") as tar:  # plain tars seek past data; compressed ones are read
         for info in tar:
             if info.isreg():
-                keys.add(split_member_name(info.name)[0])
+                keys.setdefault(split_member_name(info.name)[0])
             tar.members = []  # keep memory flat on huge tars
-    return len(keys)
+    return list(keys)
 
 
 def split_member_name(name: str) -> tuple[str, str]:

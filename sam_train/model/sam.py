@@ -42,6 +42,15 @@ class Sam(nn.Module):
         h, w = images.shape[-2:]
         return F.pad(images, (0, self.image_size - w, 0, self.image_size - h))
 
+    def normalize_canvas(self, images: torch.Tensor, content_sizes: torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S uint8 canvases, image at the top-left -> normalised input with exact zeros in
+        the padding (as `preprocess` pads); content_sizes (B x 2) gives each image's (h, w)."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        size = images.shape[-1]
+        rows = torch.arange(size, device=images.device)
+        inside = (rows[None, :, None] < content_sizes[:, 0, None, None]) & (rows[None, None, :] < content_sizes[:, 1, None, None])
+        return x * inside[:, None]
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed B x 3 x S x S images -> B x C x S/16 x S/16 embeddings."""
         return self.image_encoder.forward_features(images)
