@@ -11,6 +11,9 @@ Three measurements on one batch, in one process:
           mask at a time (same masks, same loss normaliser: the same total work)
   speed   images/s of full steps, and model-FLOPs utilisation: FLOPs of one step (forward +
           backward, torch.utils.flop_counter) / step time / the device's peak dense FLOP/s
+  cached  decoder-only training (image encoder frozen): full steps with the encoder running
+          against steps reading the batch's embeddings as an embedding cache gives them
+          (`sam-train embed`: stored in bf16, read back to float32); run last, it freezes the encoder
 
 The batch is real by default: synthetic shards written to a temporary folder and decoded by the
 training pipeline (needs webdataset). `--synthetic-batch` draws random pixels and elliptical
@@ -25,6 +28,7 @@ is launch-bound on a GPU (11 rounds x N masks of small kernels): leave `rounds` 
     python scripts/bench_train.py --repeats 5
     python scripts/bench_train.py --device cuda --precision bf16 --model vit_b --images 4 --masks 16 --synthetic-batch \
         --parts phases,speed --warmup 2
+    python scripts/bench_train.py --model vit_b --images 1 --masks 8 --parts cached --repeats 3
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from sam_train.config import load_config
+from sam_train.data.embeddings import PLAIN, pack_embeddings, unpack_embedding
 from sam_train.losses import LossWeights
-from sam_train.model import build_sam
+from sam_train.model import FinetuneConfig, build_sam, prepare_finetune
 from sam_train.module import SamModule
 from sam_train.prompts import PromptConfig
 
@@ -73,7 +78,7 @@ def load_hparams(model: str) -> dict:
     """The prompts, optim, loss and data `sample` groups that `sam-train fit model=<model>` trains with."""
     cfg = OmegaConf.to_container(load_config("fit", [f"model={model}"]), resolve=True)
     return {"prompts": cfg["prompts"], "optim": cfg["optim"], "loss": cfg["loss"], "sample": cfg["data"]["sample"],
-            "total_steps": cfg["total_steps"]}
+            "total_steps": cfg["total_steps"], "finetune": cfg["model"]["finetune"]}
 
 
 def shard_batch(images: int, masks_per_image: int, image_size: int, sample: dict, seed: int) -> dict:
@@ -161,7 +166,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--parts", default="phases,rounds,speed", help="comma-separated subset of phases,rounds,speed")
+    parser.add_argument("--parts", default="phases,rounds,speed,cached",
+                        help="comma-separated subset of phases,rounds,speed,cached")
     parser.add_argument("--synthetic-batch", action="store_true", help="random tensors instead of decoded synthetic shards")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense TFLOP/s for MFU")
     parser.add_argument("--seed", type=int, default=0)
@@ -186,10 +192,10 @@ def main() -> None:
     images, n = len(batch["images"]), len(batch["masks"])
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")  # noqa: E731
 
-    def train_step() -> None:
+    def train_step(step_batch: dict = batch) -> None:
         """What Lightning runs per step: the module's step under autocast, backward, norm clipping, AdamW, lr schedule."""
         with autocast():
-            loss = module.training_step(batch, 0)
+            loss = module.training_step(step_batch, 0)
         with record_function("backward"):
             loss.backward()
         with record_function("optimizer"):
@@ -272,6 +278,24 @@ def main() -> None:
             print(f"{'MFU':30}{100 * flops / step / peak:9.1f}%  (of {peak / 1e12:.0f} TFLOP/s peak dense {args.precision})")
         else:
             print(f"{'MFU':30}{'n/a':>10}  (no known peak for this device: pass --peak-tflops)")
+
+
+    if "cached" in parts:
+        prepare_finetune(module.model, FinetuneConfig(**{**hp["finetune"], "freeze_image_encoder": True}))
+        optimizers = module.configure_optimizers()  # train_step steps these from now on: the decoder's parameters
+        optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+        with torch.no_grad(), autocast():
+            embeddings = module.model.encode_image(module.normalize(batch["images"], batch["content_sizes"]))
+        stored = [unpack_embedding(pack_embeddings({PLAIN: e}, "bfloat16"), flip=False) for e in embeddings]
+        cached_batch = {**batch, "embeddings": torch.stack(stored).to(device)}
+        times = wall_times({"encoder": lambda: train_step(batch), "cache": lambda: train_step(cached_batch)}, device,
+                           args.repeats, args.warmup)
+        with_encoder, with_cache = (statistics.median(times[k]) for k in ("encoder", "cache"))
+        print("\ndecoder-only training, image encoder frozen: full steps (wall time)")
+        print(f"{'':30}{'ms':>10}{'images/s':>10}")
+        print(f"{'encoder runs (forward only)':30}{1000 * with_encoder:10.1f}{images / with_encoder:10.2f}")
+        print(f"{'embeddings from the cache':30}{1000 * with_cache:10.1f}{images / with_cache:10.2f}")
+        print(f"{'speed-up per step':30}{with_encoder / with_cache:9.1f}x")
 
 
 if __name__ == "__main__":
