@@ -49,7 +49,7 @@ quickstart: install
 ENGINE_DEMO := runs/engine-demo
 engine-demo: install
 	rm -rf $(ENGINE_DEMO)
-	$(VENV)/bin/sam-train data synth $(ENGINE_DEMO)/cells-pool --style cells --images 60 --seed 11
+	$(VENV)/bin/sam-train data synth $(ENGINE_DEMO)/cells-pool --style cells --images 120 --seed 11
 	$(VENV)/bin/sam-train data synth $(ENGINE_DEMO)/cells-heldout --style cells --images 40 --seed 12
 	$(VENV)/bin/sam-train engine init $(ENGINE_DEMO)/work --config engine_demo --images $(ENGINE_DEMO)/cells-pool \
 		'data.truth=[$(ENGINE_DEMO)/cells-pool]' 'data.eval=[$(ENGINE_DEMO)/cells-heldout]'

@@ -133,7 +133,7 @@ def _paint(rng: np.random.Generator, image: np.ndarray, noise: np.ndarray, box: 
 def draw_cells(rng: np.random.Generator, height: int, width: int, num_colonies: int | None = None) -> Scene:
     """Draw one microscopy-like scene: colonies (whole) of touching cells (part), each with a nucleus (subpart)."""
     if num_colonies is None:
-        num_colonies = int(rng.integers(2, 6))
+        num_colonies = int(rng.integers(2, 5))
     background = rng.uniform(10, 40, size=3).astype(np.float32)
     glow = _smooth_noise(rng, height, width, cells=6) * 25  # uneven illumination, as under a microscope
     image = background + (glow + 6 * rng.standard_normal((height, width), dtype=np.float32))[..., None]
@@ -143,7 +143,9 @@ def draw_cells(rng: np.random.Generator, height: int, width: int, num_colonies: 
     for colony in range(num_colonies):
         hue = rng.uniform(60, 255, size=3).astype(np.float32) * rng.choice([0.4, 1.0], size=3)
         cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
-        radius = rng.uniform(0.05, 0.09) * scale
+        # Cells 16-26% of the short side across: at the tiny model's 256 px a cell spans 2-3 of
+        # its 16 px patches and a nucleus stays above its 4 px mask grid (smaller was unresolvable).
+        radius = rng.uniform(0.08, 0.13) * scale
         for _ in range(int(rng.integers(1, 5))):
             py, px = cy + rng.normal(0, 0.8) * radius, cx + rng.normal(0, 0.8) * radius
             r = radius * rng.uniform(0.7, 1.2)
