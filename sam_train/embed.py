@@ -21,7 +21,9 @@ from timm.layers import DropPath
 from sam_train.data.embeddings import CACHE_FORMAT, DTYPES, HFLIP, MEMBER, PLAIN, EmbeddingCache, pack_embeddings
 from sam_train.data.errors import SampleError
 from sam_train.data.pipeline import CANVAS_VERSION, SampleConfig, collate, decode_image, expand_batch
-from sam_train.data.shards import RawSample, finish_dataset, iter_raw_samples, resolve_shards, shard_keys, write_shards
+from sam_train.data.shards import (
+    RawSample, finish_dataset, iter_raw_samples, resolve_shards, shard_keys, skipped_items, write_share,
+)
 from sam_train.model import Sam
 from sam_train.model.checkpoint import weights_digest
 
@@ -152,13 +154,9 @@ def embed_shards(
     def on_skip(item: Item, error: Exception) -> None:
         run["skipped"].append([_item_name(item), str(error)])
 
-    written = write_shards(out_dir, job.items, make_sample, job.samples_per_shard, job.source, prefix="embeddings",
-                           on_skip=on_skip, item_name=_item_name, rank=rank, world_size=world_size)
-    if world_size > 1:
-        return {"run": run}
-    manifest = finish_dataset(out_dir, len(job.items), job.samples_per_shard, job.source, prefix="embeddings",
-                              known=written, dataset_format=CACHE_FORMAT)
-    return {**manifest, "run": run}
+    manifest = write_share(out_dir, job.items, make_sample, job.samples_per_shard, job.source, "embeddings", on_skip,
+                           _item_name, rank, world_size, dataset_format=CACHE_FORMAT)
+    return {**(manifest or {}), "run": run}
 
 
 def finish_embed(model: Sam, sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: DictConfig) -> dict:
@@ -167,7 +165,7 @@ def finish_embed(model: Sam, sources: Sequence[str | os.PathLike], out_dir: str 
     job = embed_job(model, sources, cfg)
     manifest = finish_dataset(out_dir, len(job.items), job.samples_per_shard, job.source, prefix="embeddings",
                               dataset_format=CACHE_FORMAT)
-    return {**manifest, "skipped": [s for entry in manifest["shards"] for s in entry.get("skipped", [])]}
+    return {**manifest, "skipped": skipped_items(manifest)}
 
 
 def _item_name(item: Item) -> str:

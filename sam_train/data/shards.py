@@ -197,6 +197,34 @@ def finish_dataset(
     return manifest
 
 
+def write_share(
+    out_dir: str | os.PathLike,
+    items: Sequence[T],
+    make_sample: Callable[[T], tuple[str, dict[str, bytes]] | None],
+    samples_per_shard: int,
+    source: dict[str, Any],
+    prefix: str,
+    on_skip: Callable[[T, Exception], None],
+    item_name: Callable[[T], str],
+    rank: int,
+    world_size: int,
+    dataset_format: str = "sa1b-webdataset",
+) -> dict | None:
+    """One process's part of a job that several may share: its shards (with sidecars), and the manifest
+    too when it is the only process; None otherwise (`finish_dataset`, once every rank is done)."""
+    written = write_shards(out_dir, items, make_sample, samples_per_shard, source, prefix, on_skip,
+                           item_name=item_name, rank=rank, world_size=world_size)
+    if world_size > 1:
+        return None
+    return finish_dataset(out_dir, len(items), samples_per_shard, source, prefix, known=written,
+                          dataset_format=dataset_format)
+
+
+def skipped_items(manifest: dict) -> list[list[str]]:
+    """Every item any rank left out, as [name, reason], from the shard entries (their sidecars)."""
+    return [item for entry in manifest["shards"] for item in entry.get("skipped", [])]
+
+
 def _finished_entry(shard: Path) -> dict:
     """A shard's manifest entry: from its sidecar when it has one, else by reading the shard."""
     sidecar = sidecar_path(shard)

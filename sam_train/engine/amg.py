@@ -46,7 +46,7 @@ from torchvision.ops import nms
 from sam_train.data import rle
 from sam_train.data.convert import IMAGE_SUFFIXES
 from sam_train.data.sa1b import make_record
-from sam_train.data.shards import finish_dataset, write_shards
+from sam_train.data.shards import finish_dataset, skipped_items, write_share
 from sam_train.engine.records import Provenance, now_iso
 from sam_train.geometry import scale_coords
 from sam_train.model import Sam
@@ -682,14 +682,9 @@ def autolabel_images(
     def on_skip(item: tuple[int, tuple[str, Path]], error: Exception) -> None:
         run["skipped"].append([_image_name(item), str(error)])
 
-    written = write_shards(
-        out_dir, job.items, make_sample, job.samples_per_shard, job.source, on_skip=on_skip, item_name=_image_name,
-        rank=rank, world_size=world_size,
-    )
-    if world_size > 1:
-        return {"run": run}
-    manifest = finish_dataset(out_dir, len(job.items), job.samples_per_shard, job.source, known=written)
-    return {**manifest, "run": run}
+    manifest = write_share(out_dir, job.items, make_sample, job.samples_per_shard, job.source, "shard", on_skip,
+                           _image_name, rank, world_size)
+    return {**(manifest or {}), "run": run}
 
 
 def finish_autolabel(
@@ -705,7 +700,7 @@ def finish_autolabel(
     every image the job left out, as [file, reason], whichever rank and run skipped it."""
     job = autolabel_job(model, images, cfg, round, semi_automatic)
     manifest = finish_dataset(out_dir, len(job.items), job.samples_per_shard, job.source)
-    return {**manifest, "skipped": job.duplicates + [s for e in manifest["shards"] for s in e.get("skipped", [])]}
+    return {**manifest, "skipped": job.duplicates + skipped_items(manifest)}
 
 
 def _image_name(item: tuple[int, tuple[str, Path]]) -> str:
