@@ -227,6 +227,38 @@ def _is_override(arg: str) -> bool:
     return _OVERRIDE.match(arg) is not None and not Path(arg).exists()
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from sam_train.engine.interactive import EmbeddingStore, InteractiveSegmenter
+    from sam_train.engine.journal import AnnotationJournal
+    from sam_train.engine.mlbackend import Backend, ImageSource, make_server
+    from sam_train.model import build_sam
+    from sam_train.model.checkpoint import weights_digest
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    builtin = args.checkpoint == "builtin"
+    model = build_sam(args.model, checkpoint=None if builtin else args.checkpoint, pretrained=builtin)
+    model = model.to(_process_device(args.device, 0))
+    workdir = Path(args.workdir)
+    store = EmbeddingStore(model, workdir / "embeddings", capacity=args.memory_images)
+    token = args.label_studio_token or os.environ.get("LABEL_STUDIO_TOKEN")
+    backend = Backend(InteractiveSegmenter(store), ImageSource(args.label_studio_url, token, args.images_root),
+                      AnnotationJournal(workdir / "annotations.jsonl"),
+                      model_version=f"sam-train-{args.model}-{weights_digest(model)[:12]}")
+    server = make_server(backend, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {args.model} ({args.checkpoint}) as a Label Studio ML backend at http://{host}:{port}", flush=True)
+    print(f"embeddings: {store.folder}; annotations journal: {backend.journal.path}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _cmd_engine_init(args: argparse.Namespace) -> int:
     from sam_train.engine.loop import Engine, init_workdir
 
@@ -392,6 +424,30 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", default="tiny", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny")
     _add_rank_options(embed)
     embed.set_defaults(func=_cmd_embed)
+
+    serve = commands.add_parser(
+        "serve",
+        help="our model as a Label Studio ML backend: clicks in the labelling UI answered with masks",
+        description="CKPT: an official-layout .pth/.safetensors, or `builtin`. Connect it in Label Studio (project"
+        " settings > Model, or POST /api/ml with is_interactive=true) and label with smart keypoints and rectangles;"
+        " each image's embedding is computed once and cached in memory and under WORKDIR/embeddings. Label"
+        " Studio's webhook appends every submitted annotation to WORKDIR/annotations.jsonl: give the engine's"
+        " work folder as WORKDIR and its assisted rounds ingest them. Label Studio must be started with"
+        " SSRF_PROTECTION_ENABLED=false to call a backend on a private or loopback address.",
+    )
+    serve.add_argument("checkpoint", metavar="CKPT")
+    serve.add_argument("--model", default="tiny", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument("--workdir", default="sam-train-serve",
+                       help="embedding cache and annotations journal (an engine work folder, to ingest what people submit)")
+    serve.add_argument("--memory-images", type=int, default=16, help="image embeddings kept in memory (LRU)")
+    serve.add_argument("--label-studio-url", help="where task images are fetched (default: what Label Studio tells /setup)")
+    serve.add_argument("--label-studio-token", help="API token for fetching images (default $LABEL_STUDIO_TOKEN, or /setup's)")
+    serve.add_argument("--images-root", action="append", default=[],
+                       help="a folder whose files tasks may name by local path (repeatable; none by default)")
+    serve.add_argument("--device", default="auto", help="auto (a GPU if there is one) | cpu | cuda:N")
+    serve.set_defaults(func=_cmd_serve)
 
     models = commands.add_parser("models", help="list the named model configurations")
     models.set_defaults(func=_cmd_models)

@@ -58,6 +58,17 @@ class SamPredictor:
         self.features = self.model.encode_image(self.model.preprocess(transformed_image.float()))
         self.is_image_set = True
 
+    def set_embedding(self, features: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int]) -> None:
+        """Use an embedding computed earlier (a cache) for the image of `original_size`, resized to `input_size`."""
+        expected = (1, self.model.prompt_encoder.embed_dim, *self.model.prompt_encoder.image_embedding_size)
+        if tuple(features.shape) != expected:
+            raise ValueError(f"an embedding for this model is {expected}, got {tuple(features.shape)}")
+        self.reset_image()
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.features = features.to(self.device, torch.float32)
+        self.is_image_set = True
+
     def get_image_embedding(self) -> torch.Tensor:
         """The cached 1 x C x h x w embedding of the current image."""
         self._require_image()

@@ -597,13 +597,19 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, bytes, str]:
         data = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    pixels, fmt = decode_image(data, str(path))
+    return pixels, data, fmt
+
+
+def decode_image(data: bytes, where: str) -> tuple[np.ndarray, str]:
+    """Image file bytes -> (H x W x 3 uint8 RGB pixels, PIL format); ValueError naming `where` if unusable."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt = str(image.format)
             pixels = np.asarray(image.convert("RGB"))  # decodes every byte: a truncated file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{path}: corrupt or unsupported image ({exc})") from exc
-    return pixels, data, fmt
+        raise ValueError(f"{where}: corrupt or unsupported image ({exc})") from exc
+    return pixels, fmt
 
 
 @dataclass(frozen=True)

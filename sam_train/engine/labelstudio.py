@@ -11,6 +11,8 @@ The round trip keys every model mask by its annotation id:
   - a model region missing from the annotation: `delete` k;
   - any other brush region: `add` with its mask;
   - rectangles and keypoints: `add` with a `Prompt` for the engine's model to segment.
+  - smart clicks and drags of ASSISTED_LABEL_CONFIG: nothing (the ML backend's masks they produced
+    are brush regions of their own, read as above).
 
 Prompt convention (also shown to the person by the config's header): a rectangle is a box
 prompt; a keypoint labelled "negative" or "background" is a negative click, any other label a
@@ -66,6 +68,27 @@ LABEL_CONFIG = f"""<View>
     <Label value="{POSITIVE}" background="#2ca02c"/>
     <Label value="{NEGATIVE}" background="#d62728"/>
   </KeyPointLabels>
+</View>
+"""
+
+
+# The assisted-manual config (SAM's first stage): no model masks to review; people click objects with
+# smart tools and our ML backend (`sam-train serve`) answers each click with a mask. The clicks and
+# drags are the tool's input, not labels: parse_export reads only the masks they produced.
+CLICK, DRAG = "click", "drag"
+ASSISTED_LABEL_CONFIG = f"""<View>
+  <Header value="Turn on auto-annotation. Click an object (Alt-click: not this object) or drag a box around it:
+    the model answers with its mask. Refine with more clicks, then keep the mask. Paint what it cannot find."/>
+  <Image name="{IMAGE}" value="$image" zoom="true" zoomControl="true"/>
+  <BrushLabels name="{MASK}" toName="{IMAGE}">
+    <Label value="{MASK_LABEL}" background="#1f77b4"/>
+  </BrushLabels>
+  <KeyPointLabels name="{CLICK}" toName="{IMAGE}" smart="true" smartOnly="true">
+    <Label value="{MASK_LABEL}" smart="true" background="#2ca02c"/>
+  </KeyPointLabels>
+  <RectangleLabels name="{DRAG}" toName="{IMAGE}" smart="true" smartOnly="true" canRotate="false">
+    <Label value="{MASK_LABEL}" background="#ff7f0e"/>
+  </RectangleLabels>
 </View>
 """
 
@@ -262,6 +285,8 @@ def _annotation_edits(
         if result.get("type") == "relation":
             relations.append(result)
             continue
+        if result.get("from_name") in (CLICK, DRAG):
+            continue  # a smart tool's input: the mask it produced is a brush region of its own
         region = result.get("id")
         if not isinstance(region, str) or not region or region in seen:
             raise ValueError(f"{where}: a {result.get('type')} result has a missing or repeated id {region!r}")
@@ -409,16 +434,10 @@ def _prompt(
         if tag == BOX:
             if box is not None:
                 raise ValueError(f"{where}: regions {', '.join(group)} are related into one prompt with two boxes")
-            x, y, w, h = (_percent(value, name, here) for name in ("x", "y", "width", "height"))
-            if value.get("rotation", 0) != 0:
-                raise ValueError(f"{here}: a rotated rectangle ({value.get('rotation')} deg) is not a box prompt")
-            if w <= 0 or h <= 0 or x + w > 100 + 1e-6 or y + h > 100 + 1e-6:
-                raise ValueError(f"{here}: rectangle {x}, {y}, {w} x {h} (percent) is empty or leaves the image")
-            box = (x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100)
+            box = rectangle_box(value, here, width, height)
             label = _label(result, BOX, here)
         else:
-            x, y = _percent(value, "x", here), _percent(value, "y", here)
-            points.append((x * width / 100, y * height / 100))
+            points.append(keypoint_xy(value, here, width, height))
             labels.append(0 if _label(result, POINT, here).lower() in NEGATIVE_LABELS else 1)
     if box is None and 1 not in labels:
         raise ValueError(
@@ -426,6 +445,21 @@ def _prompt(
             "relate them to the box or positive point they refine"
         )
     return Prompt(box=box, points=tuple(points), labels=tuple(labels)), label
+
+
+def rectangle_box(value: dict, where: str, width: int, height: int) -> tuple[float, float, float, float]:
+    """A rectangle region's value (percent of the image) -> XYXY pixels; ValueError naming `where` if unusable."""
+    x, y, w, h = (_percent(value, name, where) for name in ("x", "y", "width", "height"))
+    if value.get("rotation", 0) != 0:
+        raise ValueError(f"{where}: a rotated rectangle ({value.get('rotation')} deg) is not a box prompt")
+    if w <= 0 or h <= 0 or x + w > 100 + 1e-6 or y + h > 100 + 1e-6:
+        raise ValueError(f"{where}: rectangle {x}, {y}, {w} x {h} (percent) is empty or leaves the image")
+    return x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100
+
+
+def keypoint_xy(value: dict, where: str, width: int, height: int) -> tuple[float, float]:
+    """A keypoint region's value (percent of the image) -> (x, y) pixels."""
+    return _percent(value, "x", where) * width / 100, _percent(value, "y", where) * height / 100
 
 
 def _percent(value: dict, name: str, where: str) -> float:
@@ -503,6 +537,24 @@ class LabelStudio:
         if parent_prediction is not None:
             body["parent_prediction"] = parent_prediction
         return self.request("POST", f"/api/tasks/{task_id}/annotations/", body)
+
+    def connect_ml_backend(self, project_id: int, url: str, title: str = "sam-train") -> dict:
+        """Register an interactive ML backend (`sam-train serve`) with a project; Label Studio checks
+        /health, calls /setup and adds the backend's /webhook to the project."""
+        body = {"project": project_id, "url": url, "title": title, "is_interactive": True}
+        backend = self.request("POST", "/api/ml", body)
+        if backend.get("state") != "CO":  # connected
+            raise LabelStudioError(f"ML backend {url} did not connect to project {project_id}:"
+                                   f" state {backend.get('state')!r}, {backend.get('error_message') or 'no message'}")
+        return backend
+
+    def interactive_annotate(self, backend_id: int, task_id: int, context: dict) -> dict:
+        """What the editor asks when a person places a smart keypoint or rectangle: the backend's prediction
+        (its result regions) for `context` = {"result": [the regions placed]}; LabelStudioError if it failed."""
+        reply = self.request("POST", f"/api/ml/{backend_id}/interactive-annotating", {"task": task_id, "context": context})
+        if not isinstance(reply, dict) or reply.get("errors") or not isinstance(reply.get("data"), dict):
+            raise LabelStudioError(f"interactive annotation of task {task_id} by ML backend {backend_id}: {reply!r}")
+        return reply["data"]
 
     def tasks(self, project_id: int, page_size: int = 100) -> list[dict]:
         """Every task of a project, page by page."""
