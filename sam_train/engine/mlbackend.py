@@ -184,6 +184,7 @@ class Backend:
         self.images = images
         self.journal = journal
         self.model_version = model_version
+        self._users: dict[int, dict] = {}  # Label Studio user id -> {"id", "email"}
 
     def health(self) -> dict:
         return {"status": "UP", "model_class": "sam-train", "model_version": self.model_version}
@@ -214,8 +215,27 @@ class Backend:
         return {"results": [answer_result(answer, tags, label, self.model_version)]}
 
     def webhook(self, body: dict) -> dict:
+        annotation = body.get("annotation")
+        if isinstance(annotation, dict) and isinstance(annotation.get("completed_by"), int):
+            annotation["completed_by"] = self._user(annotation["completed_by"])
         kept = self.journal.record(body)
         return {"status": "ok", "recorded": kept}
+
+    def _user(self, user_id: int) -> dict:
+        """{"id", "email"} of a Label Studio user for provenance (webhooks name annotators by id only);
+        just the id when Label Studio cannot tell: the annotation is journaled either way."""
+        if user_id not in self._users:
+            self._users[user_id] = {"id": user_id}
+            if self.images.label_studio_url and self.images.token:
+                client = ls.LabelStudio(self.images.label_studio_url, self.images.token, timeout=10)
+                try:
+                    email = (client.request("GET", f"/api/users/{user_id}") or {}).get("email")
+                except ls.LabelStudioError as exc:
+                    log.warning("annotator %s stays an id: %s", user_id, exc)
+                    return self._users.pop(user_id)
+                if isinstance(email, str):
+                    self._users[user_id]["email"] = email
+        return self._users[user_id]
 
 
 class _Handler(BaseHTTPRequestHandler):

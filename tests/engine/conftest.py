@@ -88,8 +88,8 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files_root),
         "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "", "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
-        # Our ML backend listens on 127.0.0.1: Label Studio refuses webhooks to loopback addresses otherwise.
-        "SSRF_PROTECTION_ENABLED": "false",
+        # Our ML backend listens on 127.0.0.1: Label Studio refuses ML backends and webhooks on loopback otherwise.
+        "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
     }
     command = [str(executable), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(_free_port()),
                "--data-dir", str(data_dir)]
