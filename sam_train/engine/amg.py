@@ -47,7 +47,7 @@ from sam_train.data import rle
 from sam_train.data.convert import IMAGE_SUFFIXES
 from sam_train.data.sa1b import make_record
 from sam_train.data.shards import finish_dataset, skipped_items, write_share
-from sam_train.engine.records import Provenance, now_iso
+from sam_train.engine.records import ANN_ID_STRIDE, Provenance, now_iso
 from sam_train.geometry import scale_coords
 from sam_train.model import Sam
 from sam_train.model.checkpoint import weights_digest
@@ -530,7 +530,6 @@ def _upsample(logits: torch.Tensor, input_size: tuple[int, int], crop_size: tupl
 # ---------------------------------------------------------------------------------------------
 # Records and shards: the data engine's fully automatic (or semi-automatic) labelling pass
 
-ANN_ID_STRIDE = 1_000_000  # annotation id = image_id * stride + k: unique across a dataset, no state to resume
 
 
 def settings_from_config(cfg: DictConfig, semi_automatic: bool = False) -> AmgSettings:
@@ -547,10 +546,13 @@ def label_image(
     file_name: str,
     round: int,
     semi_automatic: bool = False,
+    assisted: bool = False,
 ) -> dict:
     """The SA-1B record of an image's automatic masks, each with model provenance; in semi-automatic
-    mode the record also says, as "uncovered", which pixels no mask covers (where people should look)."""
-    found = find_masks(model, image, settings)
+    mode the record also says, as "uncovered", which pixels no mask covers (where people should look).
+    In assisted-manual mode (SAM's first stage) the model proposes nothing: people label the image
+    from scratch, clicking with the model's help, and the record holds the image alone."""
+    found = MaskCandidates.empty() if assisted else find_masks(model, image, settings)
     if len(found) >= ANN_ID_STRIDE:
         raise ValueError(f"{len(found)} masks in one image: more than dataset-unique annotation ids allow")
     provenance = Provenance(source="model", round=round, time=now_iso()).as_json()
@@ -624,7 +626,8 @@ class AutolabelJob:
 
 
 def autolabel_job(
-    model: Sam, images: Sequence[str | os.PathLike], cfg: DictConfig, round: int = 0, semi_automatic: bool = False
+    model: Sam, images: Sequence[str | os.PathLike], cfg: DictConfig, round: int = 0, semi_automatic: bool = False,
+    assisted: bool = False,
 ) -> AutolabelJob:
     """The labelling job of `images`: one sample per distinct key, numbered in key order (stable across reruns)."""
     settings = settings_from_config(cfg, semi_automatic)
@@ -641,6 +644,7 @@ def autolabel_job(
         "weights_sha256": weights_digest(model),
         "round": round,
         "semi_automatic": semi_automatic,
+        "assisted": assisted,
         "amg": settings.as_json(),
         "images_sha256": hashlib.sha256("\n".join(f"{k}\t{p}" for k, p in by_key.items()).encode()).hexdigest(),
     }
@@ -656,6 +660,7 @@ def autolabel_images(
     semi_automatic: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    assisted: bool = False,
 ) -> dict:
     """Label image files with automatic masks into SA-1B webdataset shards + manifest under `out_dir`.
 
@@ -669,7 +674,7 @@ def autolabel_images(
     (`write_shards`): it writes only its own and no manifest, and returns only "run";
     `finish_autolabel` writes the manifest once every rank is done.
     """
-    job = autolabel_job(model, images, cfg, round, semi_automatic)
+    job = autolabel_job(model, images, cfg, round, semi_automatic, assisted)
     run = {"labelled": 0, "masks": 0, "skipped": list(job.duplicates) if rank == 0 else []}  # said once per job
     quality = int(cfg.output.jpeg_quality)
 
@@ -677,7 +682,7 @@ def autolabel_images(
         image_id, (key, path) = item
         pixels, data, fmt = load_image(path)
         try:
-            record = label_image(model, pixels, job.settings, image_id, path.name, round, semi_automatic)
+            record = label_image(model, pixels, job.settings, image_id, path.name, round, semi_automatic, assisted)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
         run["labelled"] += 1
@@ -700,11 +705,12 @@ def finish_autolabel(
     cfg: DictConfig,
     round: int = 0,
     semi_automatic: bool = False,
+    assisted: bool = False,
 ) -> dict:
     """Write the manifest of a job labelled by several ranks (the same arguments as theirs) once every
     shard exists; MissingShardsError names those that do not. Returns the manifest plus "skipped":
     every image the job left out, as [file, reason], whichever rank and run skipped it."""
-    job = autolabel_job(model, images, cfg, round, semi_automatic)
+    job = autolabel_job(model, images, cfg, round, semi_automatic, assisted)
     manifest = finish_dataset(out_dir, len(job.items), job.samples_per_shard, job.source)
     return {**manifest, "skipped": job.duplicates + skipped_items(manifest)}
 

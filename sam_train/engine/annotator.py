@@ -14,10 +14,15 @@ Per image it
 - paints (takes the exact object) after max_clicks without an acceptable answer,
 within a click budget per image, largest objects first, as a person with limited time would.
 The work is counted: clicks per corrected or added mask is what falls as the model improves.
+
+In assisted-manual rounds (`label_with_tool`) there are no model masks to review: the person
+clicks every object from scratch, and the tool is whatever answers clicks in the labelling UI (our
+ML backend, through Label Studio or in-process), which returns its single best mask per click.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from sam_train.engine.records import Prompt
 from sam_train.evaluation import next_click
 from sam_train.geometry import scale_coords
 from sam_train.predictor import SamPredictor
 
 
+Tool = Callable[[Prompt], np.ndarray]  # the labelling tool: one object's clicks so far -> its H x W bool mask
 SESSIONS_PER_BATCH = 6  # objects clicked together: enough to batch the decoder, few enough to stop at the budget
 
 
@@ -92,6 +99,35 @@ def review_image(
         break
     deleted = [k for k in ids if k not in kept and k not in corrected]
     return Review(kept, corrected, deleted, added, clicks, painted)
+
+
+def label_with_tool(tool: Tool, truth: list[np.ndarray], cfg: AnnotatorConfig) -> Review:
+    """Label an image from scratch, as in SAM's assisted-manual stage: every object is clicked with the
+    tool (each click at the centre of the largest error region of the tool's last answer, all of the
+    object's clicks sent each time, as a labelling UI does) until its answer is accepted, or painted
+    after max_clicks; largest objects first, within the click budget."""
+    truth = sorted((t for t in truth if t.sum() >= cfg.min_area), key=lambda t: -int(t.sum()))
+    added, clicks, painted = [], 0, 0
+    for goal in truth:
+        target = torch.from_numpy(goal)[None]
+        answer = np.zeros_like(goal)
+        points: list[tuple[float, float]] = []
+        labels: list[int] = []
+        while len(points) < cfg.max_clicks:
+            point, label = next_click(torch.from_numpy(answer)[None], target, stride=1)
+            points.append((float(point[0, 0]), float(point[0, 1])))
+            labels.append(int(label[0]))
+            answer = tool(Prompt(points=tuple(points), labels=tuple(labels)))
+            if _iou(torch.from_numpy(answer)[None], target)[0] >= cfg.accept_iou:
+                break
+        else:
+            answer = goal  # the tool never got it right: the person paints it
+            painted += 1
+        if clicks + len(points) > cfg.clicks_per_image:
+            break  # out of time: this and later (smaller) objects stay unlabelled
+        clicks += len(points)
+        added.append(answer.astype(bool))
+    return Review([], {}, [], added, clicks, painted)
 
 
 def _match(truth: list[np.ndarray], masks: list[np.ndarray], min_iou: float) -> dict[int, tuple[int, float]]:

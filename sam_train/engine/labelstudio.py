@@ -137,6 +137,17 @@ def point_result(point: Sequence[float], positive: bool, width: int, height: int
     }
 
 
+def click_result(point: Sequence[float], positive: bool, width: int, height: int, region_id: str) -> dict:
+    """A smart click of ASSISTED_LABEL_CONFIG at (x, y) pixels, as the editor sends it to an ML backend
+    (Alt-click makes it negative: `is_positive` false)."""
+    x, y = (float(v) for v in point)
+    return {
+        "id": region_id, "type": RESULT_TYPES[POINT], "from_name": CLICK, "to_name": IMAGE,
+        "original_width": width, "original_height": height, "image_rotation": 0, "is_positive": bool(positive),
+        "value": {"x": 100 * x / width, "y": 100 * y / height, "width": 0.5, "keypointlabels": [MASK_LABEL]},
+    }
+
+
 def relation_result(from_id: str, to_id: str) -> dict:
     """A relation joining two prompt regions into one object's prompt."""
     return {"type": "relation", "from_id": from_id, "to_id": to_id, "direction": "right", "labels": []}

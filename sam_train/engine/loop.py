@@ -10,8 +10,14 @@ A work folder holds everything a loop needs and makes (`sam-train engine init` w
     rounds/rNNN/         per round: model.pth, train/, autolabel/, export/, annotator/, corrections/,
                          labels/, edits.jsonl, ingest.json, eval/metrics.json
     rounds.json          one summary per finished round (masks per image, clicks per mask, held-out mIoU)
+    embeddings/          assisted rounds: image embeddings, shared with `sam-train serve ... --workdir WORKDIR`
+    annotations.jsonl    assisted rounds in Label Studio: annotations its webhook delivered to `sam-train serve`
 
-Round r takes the next `images_per_round` pool images. Its model is round r-1's fine-tuned on
+Rounds 1..assisted_rounds are assisted-manual (SAM's first stage): the model proposes no masks;
+the person labels every object from scratch with clicks that the round's model answers (in
+process, or through Label Studio and `sam-train serve WORKDIR/...` whose webhook journals each
+submitted annotation into annotations.jsonl, which the round then ingests). Later rounds review
+the model's automatic masks. Round r takes the next `images_per_round` pool images. Its model is round r-1's fine-tuned on
 version r-1 (every label so far); with no labels yet it is the previous model unchanged. Each step
 writes its outputs atomically (or resumably: shards) and only then journals `done`, so after
 `kill -9` anywhere the next `engine run` redoes the unfinished step and nothing is lost or doubled.
@@ -38,10 +44,12 @@ from sam_train.config import load_config
 from sam_train.data.convert import coco_mask
 from sam_train.data.sa1b import SCHEMA_VERSION, parse_record
 from sam_train.data.shards import MANIFEST, iter_raw_samples, read_manifest, resolve_shards, write_dataset
+from sam_train.engine import brush_rle
 from sam_train.engine import labelstudio as ls
 from sam_train.engine.amg import autolabel_images, load_image
-from sam_train.engine.annotator import AnnotatorConfig, Review, review_image
-from sam_train.engine.journal import Journal
+from sam_train.engine.annotator import AnnotatorConfig, Review, Tool, label_with_tool, review_image
+from sam_train.engine.interactive import EmbeddingStore, InteractiveSegmenter
+from sam_train.engine.journal import AnnotationJournal, Journal
 from sam_train.engine.merge import apply_edits
 from sam_train.engine.records import Edit, Prompt
 from sam_train.model import build_sam, export_official
@@ -167,6 +175,10 @@ class Engine:
     def model_path(self, r: int) -> Path:
         return self.root / "models" / "initial.pth" if r == 0 else self.round_dir(r) / "model.pth"
 
+    def assisted(self, r: int) -> bool:
+        """Whether round r is assisted-manual: people label from scratch, the model answering their clicks."""
+        return r <= self.cfg.assisted_rounds
+
     def round_keys(self, r: int) -> list[str]:
         n = self.cfg.images_per_round
         return self.keys[(r - 1) * n : r * n]
@@ -240,7 +252,8 @@ class Engine:
         model = build_sam(self.cfg.model.name, checkpoint=self.model_path(r))
         settings = load_config("autolabel", list(self.cfg.autolabel.overrides))
         manifest = autolabel_images(model, [self._pool_files[k] for k in keys], self.round_dir(r) / "autolabel",
-                                    settings, round=r, semi_automatic=self.cfg.autolabel.semi_automatic)
+                                    settings, round=r, semi_automatic=self.cfg.autolabel.semi_automatic,
+                                    assisted=self.assisted(r))
         return {"images": manifest["total_samples"]}
 
     def step_export(self, r: int, wait: bool) -> dict:
@@ -384,10 +397,12 @@ class Engine:
                 out[sample.key] = _masks(parse_record(sample.members["json"]))
         return out
 
-    def _review(self, r: int, key: str, record: dict, predictor: SamPredictor, truth: dict) -> dict:
+    def _review(self, r: int, key: str, record: dict, tool: SamPredictor | Tool, truth: dict) -> dict:
         """The simulated person's annotation of one task (LS result list) and its work, saved per image.
 
-        Saved before it is submitted anywhere, so a rerun after a crash redoes it identically.
+        `tool` is what answers the person's clicks: the round model's predictor when reviewing its
+        masks, the ML backend (in-process or through Label Studio) in assisted rounds. Saved before
+        it is submitted anywhere, so a rerun after a crash redoes it identically.
         """
         path = self.round_dir(r) / "annotator" / f"{key}.json"
         if path.exists():
@@ -396,7 +411,10 @@ class Engine:
             raise ValueError(f"the simulated annotator has no ground truth for image {key} (data.truth)")
         masks = dict(zip((a["id"] for a in record["annotations"]), _masks(record)))
         points = {a["id"]: tuple(a["point_coords"][0]) for a in record["annotations"] if a.get("point_coords")}
-        review = review_image(predictor, self.image(key), masks, points, truth[key], self._annotator_config())
+        if self.assisted(r):
+            review = label_with_tool(tool, truth[key], self._annotator_config())
+        else:
+            review = review_image(tool, self.image(key), masks, points, truth[key], self._annotator_config())
         saved = {"result": _review_result(review, masks), "work": _work(review)}
         atomic_write_bytes(path, json.dumps(saved).encode())
         return saved
@@ -404,11 +422,13 @@ class Engine:
     def _simulate_locally(self, r: int) -> list[dict]:
         """Tasks with the simulated person's annotations, shaped like a Label Studio export."""
         records, truth = self.autolabel_records(r), self._truth()
-        predictor = SamPredictor(build_sam(self.cfg.model.name, checkpoint=self.model_path(r)))
+        model = build_sam(self.cfg.model.name, checkpoint=self.model_path(r))
+        clicks = InteractiveSegmenter(EmbeddingStore(model, self.root / "embeddings")) if self.assisted(r) else None
         tasks = json.loads((self.round_dir(r) / "export" / "tasks.json").read_text())
         for n, task in enumerate(tasks):
             key = task["data"]["key"]
-            saved = self._review(r, key, records[key], predictor, truth)
+            tool = self._local_tool(clicks, key) if clicks else SamPredictor(model)
+            saved = self._review(r, key, records[key], tool, truth)
             task["id"] = n + 1
             task["annotations"] = [{
                 "id": n + 1, "result": saved["result"], "was_cancelled": False,
@@ -423,15 +443,41 @@ class Engine:
             raise ValueError("backend=labelstudio needs labelstudio.url and a token (labelstudio.token or $LABEL_STUDIO_TOKEN)")
         return ls.LabelStudio(self.cfg.labelstudio.url, token)
 
-    def _project(self, client: ls.LabelStudio) -> int:
-        """The work folder's Label Studio project, found by title or made once (with local-file storage)."""
-        title = f"sam-train engine {self.root.name}"
+    def _project(self, client: ls.LabelStudio, r: int) -> int:
+        """Round r's Label Studio project, found by title or made once (with local-file storage): one for
+        reviewing model masks, one for assisted labelling (smart tools, our ML backend connected)."""
+        assisted = self.assisted(r)
+        title = f"sam-train engine {self.root.name}" + (" assisted" if assisted else "")
         for project in client.request("GET", "/api/projects", query={"page_size": 1000}).get("results", []):
             if project.get("title") == title:
                 return int(project["id"])
-        project = client.create_project(title)
+        if assisted and not self.cfg.labelstudio.ml_backend:
+            raise ValueError("assisted rounds in Label Studio need labelstudio.ml_backend: the URL of"
+                             f" `sam-train serve {self.model_path(r)} --workdir {self.root}`")
+        project = client.create_project(title, ls.ASSISTED_LABEL_CONFIG if assisted else ls.LABEL_CONFIG)
         client.connect_local_files(project["id"], self.root / "pool")
+        if assisted:
+            client.connect_ml_backend(project["id"], self.cfg.labelstudio.ml_backend)
         return int(project["id"])
+
+    def _local_tool(self, segmenter: InteractiveSegmenter, key: str) -> Tool:
+        """Clicks on pool image `key` answered in-process, as `sam-train serve` answers them."""
+        load = lambda: (self.image(key), self._pool_files[key].read_bytes())  # noqa: E731
+        return lambda prompt: segmenter.segment(key, load, prompt).mask
+
+    def _labelstudio_tool(self, client: ls.LabelStudio, project: int, task: dict) -> Tool:
+        """Clicks on a task answered by the project's ML backend through Label Studio, as in its editor."""
+        backend = next(b for b in client.request("GET", "/api/ml", query={"project": project}) if b.get("is_interactive"))
+        width, height = task["data"]["width"], task["data"]["height"]
+
+        def tool(prompt: Prompt) -> np.ndarray:
+            regions = [ls.click_result(p, label == 1, width, height, f"c{n}")
+                       for n, (p, label) in enumerate(zip(prompt.points, prompt.labels))]
+            answer = client.interactive_annotate(backend["id"], task["id"], {"result": regions})
+            (region,) = answer["result"]
+            return brush_rle.decode(region["value"]["rle"], height, width)
+
+        return tool
 
     def _round_tasks(self, client: ls.LabelStudio, project: int, r: int) -> list[dict]:
         return [t for t in client.tasks(project) if (t.get("data") or {}).get("round") == r]
@@ -439,7 +485,7 @@ class Engine:
     def _push_tasks(self, r: int, tasks: list[dict]) -> dict:
         """Import the round's tasks the project does not have yet: a rerun after a crash adds no duplicates."""
         client = self._client()
-        project = self._project(client)
+        project = self._project(client, r)
         present = {t["data"].get("key") for t in self._round_tasks(client, project, r)}
         missing = [t for t in tasks if t["data"]["key"] not in present]
         if missing:
@@ -449,14 +495,15 @@ class Engine:
     def _simulate_in_labelstudio(self, r: int) -> None:
         """The simulated person submits through Label Studio's API, once per task."""
         client = self._client()
-        project = self._project(client)
+        project = self._project(client, r)
         records, truth = self.autolabel_records(r), self._truth()
-        predictor = SamPredictor(build_sam(self.cfg.model.name, checkpoint=self.model_path(r)))
+        predictor = None if self.assisted(r) else SamPredictor(build_sam(self.cfg.model.name, checkpoint=self.model_path(r)))
         for task in self._round_tasks(client, project, r):
             if task.get("total_annotations") or task.get("annotations"):
                 continue  # submitted before a crash: never twice
             key = task["data"]["key"]
-            saved = self._review(r, key, records[key], predictor, truth)
+            tool = predictor or self._labelstudio_tool(client, project, task)
+            saved = self._review(r, key, records[key], tool, truth)
             predictions = task.get("predictions") or []
             last = predictions[-1] if predictions else None
             parent = last.get("id") if isinstance(last, dict) else last  # the list API gives ids or bodies
@@ -466,14 +513,23 @@ class Engine:
     def _fetch_labelstudio(self, r: int, wait: bool) -> list[dict]:
         """The project's export once every task of round r has a submitted annotation."""
         client = self._client()
-        project = self._project(client)
+        project = self._project(client, r)
         while True:
             tasks = self._round_tasks(client, project, r)
-            open_tasks = [t["id"] for t in tasks if not t.get("is_labeled")]
-            if not open_tasks:
-                return [t for t in client.export(project) if (t.get("data") or {}).get("round") == r]
+            if self.assisted(r):  # what people submitted reached the backend's webhook journal
+                journaled = [t for t in AnnotationJournal(self.root / "annotations.jsonl").tasks()
+                             if (t.get("data") or {}).get("round") == r and t["annotations"]]
+                open_tasks = sorted({t["id"] for t in tasks} - {t["id"] for t in journaled})
+                if not open_tasks:
+                    return journaled
+            else:
+                open_tasks = [t["id"] for t in tasks if not t.get("is_labeled")]
+                if not open_tasks:
+                    return [t for t in client.export(project) if (t.get("data") or {}).get("round") == r]
             if not wait:
-                raise WaitingForPeople(f"{len(open_tasks)} of {len(tasks)} tasks in Label Studio project {project}")
+                raise WaitingForPeople(f"{len(open_tasks)} of {len(tasks)} tasks in Label Studio project {project}"
+                                       + (" (assisted: counted when the ML backend's webhook journals them)"
+                                          if self.assisted(r) else ""))
             time.sleep(self.cfg.labelstudio.poll_seconds)
 
     def _read_corrections(self, r: int, records: dict[str, dict]) -> tuple[list[Edit], list[tuple[str, str]]]:

@@ -21,7 +21,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from sam_train.data.sa1b import make_annotation
-from sam_train.engine.records import Edit, Prompt
+from sam_train.engine.records import ANN_ID_STRIDE, Edit, Prompt
 
 # Segments a prompt on the image being edited: (H x W bool mask, the model's predicted IoU).
 Segmenter = Callable[[Prompt], tuple[np.ndarray, float]]
@@ -43,7 +43,9 @@ def apply_edits(record: dict, key: str, edits: Sequence[Edit], segment: Segmente
     report = MergeReport()
     height, width = out["image"]["height"], out["image"]["width"]
     annotations = {ann["id"]: ann for ann in out["annotations"]}
-    next_id = 1 + max([*annotations, *(e.target for e in edits if e.target is not None), -1])
+    # New masks take ids in the image's block (see ANN_ID_STRIDE), after every id it has or had.
+    first = out["image"]["image_id"] * ANN_ID_STRIDE
+    next_id = 1 + max([*annotations, *(e.target for e in edits if e.target is not None), first - 1])
     for n, edit in enumerate(edits):
         where = f"{key} edit {n} ({edit.action}{'' if edit.target is None else f' of mask {edit.target}'})"
         if edit.image != key:

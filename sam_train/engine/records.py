@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 SOURCES = ("model", "human")
+ANN_ID_STRIDE = 1_000_000  # annotation id = image_id * stride + k: unique across a dataset, no state to resume
 ACTIONS = ("add", "replace", "delete")
 # Click labels that mean "not this object", in every tool we read (Label Studio keypoints, CVAT points).
 NEGATIVE_LABELS = frozenset({"negative", "background"})

@@ -110,3 +110,31 @@ def test_init_refuses_a_used_folder_and_keys_that_clash(domain, tmp_path):
     with pytest.raises(ValueError, match="appears twice"):
         init_workdir(tmp_path / "work", [domain["pool"], domain["pool"]], overrides(domain))
     assert not (tmp_path / "work").exists(), "a failed init leaves nothing behind"
+
+
+def test_assisted_round_labels_from_scratch_with_the_backends_clicks(domain, tmp_path):
+    root = init_workdir(tmp_path / "work", [domain["pool"]], [*overrides(domain), "assisted_rounds=1", "rounds=1"])
+    engine = Engine(root)
+    engine.run(log=lambda line: None)
+    assert all(not r["annotations"] for r in engine.autolabel_records(1).values()), "the model proposes nothing"
+    truth = engine._truth()
+    cfg = engine.cfg.annotator
+    assert len(list((root / "embeddings").glob("*/*.safetensors"))) == 3, "one cached embedding per clicked image"
+    version = labels(engine, "v001")
+    ids = set()
+    for key in engine.round_keys(1):
+        saved = json.loads((engine.round_dir(1) / "annotator" / f"{key}.json").read_text())
+        work = saved["work"]
+        assert work["kept"] == work["corrected"] == work["deleted"] == 0 and work["added"] == len(version[key])
+        assert work["clicks"] <= cfg.clicks_per_image and work["added"] <= sum(t.sum() >= cfg.min_area for t in truth[key])
+        height, width = engine.image(key).shape[:2]
+        for result in saved["result"]:  # every submitted mask is the tool's answer (or painted truth) for an object
+            mask = brush_rle.decode(result["value"]["rle"], height, width)
+            best = max((mask & t).sum() / (mask | t).sum() for t in truth[key])
+            assert best >= cfg.accept_iou - 1e-6 or any(np.array_equal(mask, t) for t in truth[key])
+        assert all(source == "human" for _, _, source, _ in version[key])
+        ids |= {ann_id for ann_id, _, _, _ in version[key]}
+    total = sum(len(v) for v in version.values())
+    assert total > 0 and len(ids) == total, "annotation ids stay unique across the dataset"
+    (summary,) = json.loads((root / "rounds.json").read_text())
+    assert summary["masks_added"] == total and summary["clicks_per_corrected_mask"] >= 1

@@ -53,3 +53,39 @@ def test_engine_round_through_label_studio_survives_kills(label_studio):
         assert model_ids <= kept, "a model mask survives only if the person kept it"
     by_person = [json.loads(line)["provenance"] for line in (engine.round_dir(1) / "edits.jsonl").read_text().splitlines()]
     assert by_person and all(p["annotator"] == label_studio.user and p["source"] == "human" for p in by_person)
+
+
+def test_assisted_round_through_label_studio_and_our_backend(label_studio):
+    from sam_train.engine.journal import AnnotationJournal
+    from tests.conftest import free_port
+    from tests.engine.test_mlbackend_labelstudio import start_backend
+
+    root = label_studio.files_root / "engine-assisted"
+    pool = label_studio.files_root / "assisted-pool-shards"
+    synth_dataset(pool, images=2, seed=5, samples_per_shard=4, workers=1, style="cells")
+    port = free_port()
+    init_workdir(root, [pool], [
+        *MINIATURE, "rounds=1", "images_per_round=2", "assisted_rounds=1", "backend=labelstudio", f"data.truth=[{pool}]",
+        f"labelstudio.url={label_studio.url}", f"labelstudio.token={label_studio.token}",
+        f"labelstudio.document_root={label_studio.files_root}", "labelstudio.poll_seconds=1",
+        f"labelstudio.ml_backend=http://127.0.0.1:{port}",
+    ])
+    # The person's tool: our backend serving the round's model, journaling into the work folder.
+    backend, _ = start_backend(root, str(root / "models" / "initial.pth"), port)
+    try:
+        Engine(root).run(log=lambda line: None)
+    finally:
+        backend.kill()
+        backend.wait()
+    engine = Engine(root)
+    journaled = AnnotationJournal(root / "annotations.jsonl").tasks()
+    assert sorted(t["data"]["key"] for t in journaled) == sorted(engine.round_keys(1))
+    ingested = json.loads((engine.round_dir(1) / "corrections" / "labelstudio.json").read_text())
+    assert ingested == journaled, "the round ingests exactly what the webhook journaled"
+    version = labels(engine, "v001")
+    for key in engine.round_keys(1):
+        saved = json.loads((engine.round_dir(1) / "annotator" / f"{key}.json").read_text())
+        assert saved["work"]["clicks"] > 0 and len(version[key]) == saved["work"]["added"] == len(saved["result"])
+    assert len(list((root / "embeddings").glob("*/*.safetensors"))) == 2, "the backend embedded each image once"
+    provenance = [json.loads(line)["provenance"] for line in (engine.round_dir(1) / "edits.jsonl").read_text().splitlines()]
+    assert provenance and all(p["annotator"] == label_studio.user and p["source"] == "human" for p in provenance)

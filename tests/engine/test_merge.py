@@ -9,7 +9,7 @@ from pycocotools import mask as mask_utils
 from sam_train.data.rle import encode
 from sam_train.data.sa1b import check_annotation, make_annotation, make_record
 from sam_train.engine.merge import apply_edits
-from sam_train.engine.records import Edit, Prompt, Provenance
+from sam_train.engine.records import ANN_ID_STRIDE, Edit, Prompt, Provenance
 
 H, W = 40, 60
 PERSON = Provenance("human", 2, annotator="ann@example.org", task_id="7", time="2026-11-25T12:00:00+00:00")
@@ -21,9 +21,12 @@ def box_mask(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     return mask
 
 
+B = 3 * ANN_ID_STRIDE  # image 3's block of annotation ids
+
+
 def model_record() -> dict:
-    anns = [make_annotation(box_mask(0, 10, 0, 10), 0), make_annotation(box_mask(20, 30, 20, 30), 1),
-            make_annotation(box_mask(5, 15, 40, 50), 4)]
+    anns = [make_annotation(box_mask(0, 10, 0, 10), B), make_annotation(box_mask(20, 30, 20, 30), B + 1),
+            make_annotation(box_mask(5, 15, 40, 50), B + 4)]
     for ann in anns:
         ann["provenance"] = Provenance("model", 1).as_json()
     return make_record(3, "img.jpg", H, W, anns)
@@ -37,18 +40,22 @@ def test_replace_delete_add_with_holes_and_provenance():
     donut = box_mask(10, 30, 5, 25)
     donut[15:25, 10:20] = False  # a hole that must survive ingestion
     edits = [
-        Edit("img", "replace", PERSON, rle=encode(box_mask(0, 12, 0, 12)), target=0),
-        Edit("img", "delete", PERSON, target=1),
+        Edit("img", "replace", PERSON, rle=encode(box_mask(0, 12, 0, 12)), target=B),
+        Edit("img", "delete", PERSON, target=B + 1),
         Edit("img", "add", PERSON, rle=encode(donut)),
     ]
     record, report = apply_edits(model_record(), "img", edits)
-    by_id = {a["id"]: a for a in record["annotations"]}
+    by_id = {a["id"] - B: a for a in record["annotations"]}
     assert (report.replaced, report.deleted, report.added, report.problems) == (1, 1, 1, [])
     assert set(by_id) == {4, 5, 6}, "0 replaced and 1 deleted go; new masks take ids past every id ever used"
     assert np.array_equal(decode(by_id[5]), box_mask(0, 12, 0, 12))
-    assert by_id[5]["provenance"] == {**PERSON.as_json(), "corrects": 0}
+    assert by_id[5]["provenance"] == {**PERSON.as_json(), "corrects": B}
     assert np.array_equal(decode(by_id[6]), donut)
     assert by_id[4]["provenance"]["source"] == "model"
+    # An image the model proposed nothing for (an assisted round): people's masks still get the image's ids.
+    empty = {**model_record(), "annotations": []}
+    record, _ = apply_edits(empty, "img", [Edit("img", "add", PERSON, rle=encode(donut))])
+    assert [a["id"] for a in record["annotations"]] == [B]
     for ann in record["annotations"]:
         check_annotation(ann, H, W)  # bbox, area and RLE agree: a valid SA-1B annotation
     assert len(model_record()["annotations"]) == 3, "the input record is never modified"

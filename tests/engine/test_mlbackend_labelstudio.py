@@ -26,12 +26,12 @@ from tests.engine.test_mlbackend import H, W, keypoint, png, rectangle, scene
 REPO = Path(__file__).resolve().parents[2]
 
 
-def start_backend(workdir: Path) -> tuple[subprocess.Popen, str]:
-    """`sam-train serve builtin` in its own process on a free loopback port, once /health answers."""
-    port = free_port()
+def start_backend(workdir: Path, checkpoint: str = "builtin", port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`sam-train serve CKPT` in its own process on a (free) loopback port, once /health answers."""
+    port = port or free_port()
     log = open(workdir.parent / "serve.log", "wb")  # noqa: SIM115 (the process writes it while it runs)
     process = subprocess.Popen(
-        [sys.executable, "-m", "sam_train.cli", "serve", "builtin", "--port", str(port), "--workdir", str(workdir)],
+        [sys.executable, "-m", "sam_train.cli", "serve", checkpoint, "--port", str(port), "--workdir", str(workdir)],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
