@@ -34,8 +34,8 @@ from safetensors.torch import save as save_safetensors
 
 from sam_train.atomic_io import atomic_write_bytes
 from sam_train.embed import encoder_fingerprint
-from sam_train.model import Sam
 from sam_train.engine.records import Prompt
+from sam_train.model import Sam
 from sam_train.predictor import SamPredictor
 
 ImageLoader = Callable[[], tuple[np.ndarray, bytes]]  # -> (H x W x 3 uint8 RGB pixels, the file's bytes)
