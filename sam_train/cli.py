@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         " each image's embedding is computed once and cached in memory and under WORKDIR/embeddings. Label"
         " Studio's webhook appends every submitted annotation to WORKDIR/annotations.jsonl: give the engine's"
         " work folder as WORKDIR and its assisted rounds ingest them. Label Studio must be started with"
-        " SSRF_PROTECTION_ENABLED=false to call a backend on a private or loopback address.",
+        " ML_BLOCK_LOCAL_IP=false SSRF_PROTECTION_ENABLED=false to call a backend on a private or loopback address.",
     )
     serve.add_argument("checkpoint", metavar="CKPT")
     serve.add_argument("--model", default="tiny", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny")
