@@ -154,7 +154,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
 
-        q, k = queries + query_pe, keys + key_pe
+        q = queries + query_pe  # the image tokens have not changed since `k` was formed
         keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
         return queries, keys
 
@@ -225,6 +225,15 @@ class TwoWayTransformer(nn.Module):
         """B x C x h x w image, its PE, B x N x C tokens -> (B x N x C tokens, B x hw x C image)."""
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
+        return self.forward_tokens(keys, key_pe, point_embedding)
+
+    def forward_tokens(
+        self, keys: torch.Tensor, key_pe: torch.Tensor, point_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` on image tokens already laid out B x hw x C (and their PE, B or 1 x hw x C)."""
+        # Contiguous once: every projection and norm below reads rows of C, and would otherwise
+        # copy a strided view each time (the numbers are the same). No copy if already so.
+        keys, key_pe = keys.contiguous(), key_pe.contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
