@@ -76,34 +76,25 @@ class MaskDecoder(nn.Module):
         prompts, or B_img == N pairs them one to one.
         """
         n = sparse_prompt_embeddings.shape[0]
+        b, c, h, w = image_embeddings.shape
+        # Image tokens laid out hw x C once per image, before they are copied per prompt: the
+        # transformer's projections and norms read rows of C, and the upscaling stays channels-last.
+        images = image_embeddings.flatten(2).transpose(1, 2).contiguous()  # B_img x hw x C
+        dense = dense_prompt_embeddings.flatten(2).transpose(1, 2)  # N x hw x C
         if image_index is not None:
-            src = image_embeddings[image_index]
-        elif image_embeddings.shape[0] == 1:
-            src = image_embeddings.expand(n, -1, -1, -1)
-        elif image_embeddings.shape[0] == n:
-            src = image_embeddings
+            src = images.index_select(0, image_index).add_(dense)  # the per-prompt copy takes the sum
+        elif b == 1 or b == n:
+            src = images + dense
         else:
-            raise ValueError(
-                f"{image_embeddings.shape[0]} image embeddings for {n} prompts: pass image_index to say which is which"
-            )
-        src = src + dense_prompt_embeddings  # N x C x h x w
-        pos_src = image_pe.expand(n, -1, -1, -1)
+            raise ValueError(f"{b} image embeddings for {n} prompts: pass image_index to say which is which")
+        pos_src = image_pe.flatten(2).transpose(1, 2)  # 1 x hw x C, the same for every prompt
 
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings], dim=1)
 
-        hs, src = self.transformer(src, pos_src, tokens)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # N x 4 x C
-
-        b, c, h, w = pos_src.shape
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # N x C/8 x 4h x 4w
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )  # N x 4 x C/8
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.flatten(2)).view(b, -1, h, w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        hs, src = self.transformer.forward_tokens(src, pos_src, tokens)
+        masks = self._masks(hs, src.view(n, h, w, c), range(self.num_mask_tokens), None)
+        return masks, self.iou_prediction_head(hs[:, 0])
 
     def predict_one_image(
         self,
@@ -158,12 +149,18 @@ class MaskDecoder(nn.Module):
         mask_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """N x K x h' x w' low-res logits from `attend_one_image`'s output (see `predict_one_image`)."""
+        kept = range(self.num_mask_tokens)[self._mask_slice(multimask_output)]
+        return self._masks(tokens, image_tokens, kept, mask_size)
+
+    def _masks(
+        self, tokens: torch.Tensor, image_tokens: torch.Tensor, kept: range, mask_size: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """N x len(kept) x h' x w' logits of mask tokens `kept` (0..3) from N x T x C tokens, N x h x w x C image tokens."""
         n, h, w, _ = image_tokens.shape
         out_h, out_w = mask_size if mask_size is not None else (4 * h, 4 * w)
         # Upscaling is 4 x 4 per embedding cell and never mixes cells: upscale only the cells
         # under the requested corner.
         rows, cols = -(-out_h // 4), -(-out_w // 4)
-        kept = range(self.num_mask_tokens)[self._mask_slice(multimask_output)]
         hyper_in = torch.stack([self.output_hypernetworks_mlps[i](tokens[:, 1 + i]) for i in kept], dim=1)  # N x K x C/8
         pixels = self._upscale_channels_last(image_tokens[:, :rows, :cols])  # N x rows x cols x 2 x 2 x 2 x 2 x C/8
         masks = torch.bmm(pixels.view(n, -1, pixels.shape[-1]), hyper_in.transpose(1, 2))  # N x pixels x K

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sam_train.model.common import LayerNorm2d
@@ -108,8 +109,16 @@ class PromptEncoder(nn.Module):
         return self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, h, w)
 
     def embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
-        """B x 1 x 4h x 4w mask logits -> B x C x h x w."""
-        return self.mask_downscaling(masks)
+        """B x 1 x 4h x 4w mask logits -> B x C x h x w, channels-last in memory."""
+        *downscale, project = self.mask_downscaling
+        x = masks
+        for layer in downscale:
+            x = layer(x)
+        # The closing 1 x 1 convolution as one matrix product over pixels: its output is laid out
+        # as the mask decoder's h w x C image tokens, which it is added to (no transposing copy
+        # of B x C x h x w, forward or backward).
+        x = F.linear(x.permute(0, 2, 3, 1), project.weight.flatten(1), project.bias)  # B x h x w x C
+        return x.permute(0, 3, 1, 2)
 
     def forward(
         self,
