@@ -13,12 +13,18 @@ Three measurements on one batch, in one process:
           backward, torch.utils.flop_counter) / step time / the device's peak dense FLOP/s
   cached  decoder-only training (image encoder frozen): full steps with the encoder running
           against steps reading the batch's embeddings as an embedding cache gives them
-          (`sam-train embed`: stored in bf16, read back to float32); run last, it freezes the encoder
+          (`sam-train embed`: stored in bf16, read back to float32), timed round-robin in one
+          process, then where a cached step's time goes (the phases above, for that step);
+          run last, it freezes the encoder
 
 The batch is real by default: synthetic shards written to a temporary folder and decoded by the
 training pipeline (needs webdataset). `--synthetic-batch` draws random pixels and elliptical
 masks directly in torch instead: the step's cost depends on the shapes, not the content.
-Hyper-parameters come from configs/, composed with Hydra as `sam-train fit model=<model>` does. Precision bf16 is Lightning's `bf16-mixed`: autocast around the forward pass.
+Hyper-parameters come from configs/, composed with Hydra as `sam-train fit model=<model>` does, and
+trailing Hydra overrides change them as they would there: `prompts.corrective_rounds=0
+prompts.empty_rounds=0` is a session of one round (the first point or box only). Precision bf16 is
+Lightning's `bf16-mixed`: autocast around the forward pass. On a CPU, the machine's 1-minute load
+average is printed before and after: above the thread count, other processes shared the cores.
 
 Memory on a GPU grows with the masks: every round keeps its decoder activations for the backward
 pass, and vit_b in bf16 runs out of an H100's 80 GB at 4 images x 64 masks
@@ -29,6 +35,8 @@ is launch-bound on a GPU (11 rounds x N masks of small kernels): leave `rounds` 
     python scripts/bench_train.py --device cuda --precision bf16 --model vit_b --images 4 --masks 16 --synthetic-batch \
         --parts phases,speed --warmup 2
     python scripts/bench_train.py --model vit_b --images 1 --masks 8 --parts cached --repeats 3
+    python scripts/bench_train.py --model vit_b --images 1 --masks 8 --parts cached --repeats 3 \
+        prompts.corrective_rounds=0 prompts.empty_rounds=0
 """
 
 from __future__ import annotations
@@ -74,9 +82,9 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
-def load_hparams(model: str) -> dict:
-    """The prompts, optim, loss and data `sample` groups that `sam-train fit model=<model>` trains with."""
-    cfg = OmegaConf.to_container(load_config("fit", [f"model={model}"]), resolve=True)
+def load_hparams(model: str, overrides: list[str] = ()) -> dict:
+    """The prompts, optim, loss and data `sample` groups that `sam-train fit model=<model> <overrides>` trains with."""
+    cfg = OmegaConf.to_container(load_config("fit", [f"model={model}", *overrides]), resolve=True)
     return {"prompts": cfg["prompts"], "optim": cfg["optim"], "loss": cfg["loss"], "sample": cfg["data"]["sample"],
             "total_steps": cfg["total_steps"], "finetune": cfg["model"]["finetune"]}
 
@@ -171,13 +179,18 @@ def main() -> None:
     parser.add_argument("--synthetic-batch", action="store_true", help="random tensors instead of decoded synthetic shards")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense TFLOP/s for MFU")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads); 1 is steadier where other processes share the cores")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the fit config, e.g. prompts.corrective_rounds=0")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step logs; there is no Trainer here
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    hp = load_hparams(args.model)
+    hp = load_hparams(args.model, args.overrides)
     model = build_sam(args.model)
     module = SamModule(model, PromptConfig(**hp["prompts"]), LossWeights(**hp["loss"]), hp["optim"], hp["total_steps"])
     module.to(device).train()
@@ -213,6 +226,10 @@ def main() -> None:
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     print(f"batch: {images} images at {model.image_size} px, {n} masks at {batch['masks'].shape[-1]} px ({source}); "
           f"{rounds} rounds per mask; median of {args.repeats} after {args.warmup} warm-up")
+    if args.overrides:
+        print(f"overrides: {' '.join(args.overrides)}")
+    if device.type == "cpu":
+        print(f"load average (1 min) at start: {os.getloadavg()[0]:.2f}")
 
     if "phases" in parts:
         for _ in range(args.warmup):
@@ -291,11 +308,21 @@ def main() -> None:
         times = wall_times({"encoder": lambda: train_step(batch), "cache": lambda: train_step(cached_batch)}, device,
                            args.repeats, args.warmup)
         with_encoder, with_cache = (statistics.median(times[k]) for k in ("encoder", "cache"))
-        print("\ndecoder-only training, image encoder frozen: full steps (wall time)")
+        print(f"\ndecoder-only training, image encoder frozen: full steps (wall time; {rounds} rounds x {n} masks)")
         print(f"{'':30}{'ms':>10}{'images/s':>10}")
         print(f"{'encoder runs (forward only)':30}{1000 * with_encoder:10.1f}{images / with_encoder:10.2f}")
         print(f"{'embeddings from the cache':30}{1000 * with_cache:10.1f}{images / with_cache:10.2f}")
         print(f"{'speed-up per step':30}{with_encoder / with_cache:9.1f}x")
+        print(f"{'cached step per mask-round':30}{1000 * with_cache / (rounds * n):10.1f}")
+        phases = profiled_phases(lambda: train_step(cached_batch), device)
+        total = sum(phases.values())
+        what = "GPU kernel time" if device.type == "cuda" else "CPU time"
+        print(f"\nphases of one step from the cache ({what} under the profiler)")
+        for name, label in [*PHASES.items(), ("other", "other")]:
+            print(f"{label:30}{1000 * phases[name]:10.1f}{100 * phases[name] / total:7.1f}%")
+
+    if device.type == "cpu":
+        print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f} ({torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":
