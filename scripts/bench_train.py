@@ -140,6 +140,17 @@ def wall_times(fns: dict[str, Callable[[], None]], device: torch.device, repeats
     return times
 
 
+def print_phases(title: str, phases: dict[str, float], device: torch.device) -> float:
+    """Print a phase -> seconds split as a table (ms and share of the sum); returns the sum."""
+    total = sum(phases.values())
+    what = "GPU kernel time" if device.type == "cuda" else "CPU time"
+    print(f"\nphases of {title} ({what} under the profiler)")
+    print(f"{'':30}{'ms':>10}{'share':>8}")
+    for name, label in [*PHASES.items(), ("other", "other")]:
+        print(f"{label:30}{1000 * phases[name]:10.1f}{100 * phases[name] / total:7.1f}%")
+    return total
+
+
 def profiled_phases(step: Callable[[], None], device: torch.device) -> dict[str, float]:
     """Seconds per phase of one step: CPU time of each named scope, or on a GPU the kernel time launched inside it.
 
@@ -237,12 +248,7 @@ def main() -> None:
         runs = [profiled_phases(train_step, device) for _ in range(args.repeats)]
         step_wall = statistics.median(wall_times({"step": train_step}, device, args.repeats, 0)["step"])
         phases = {name: statistics.median(run[name] for run in runs) for name in [*PHASES, "other"]}
-        total = sum(phases.values())
-        what = "GPU kernel time" if device.type == "cuda" else "CPU time"
-        print(f"\nphases of one training step ({what} under the profiler)")
-        print(f"{'':30}{'ms':>10}{'share':>8}")
-        for name, label in [*PHASES.items(), ("other", "other")]:
-            print(f"{label:30}{1000 * phases[name]:10.1f}{100 * phases[name] / total:7.1f}%")
+        total = print_phases("one training step", phases, device)
         print(f"{'sum':30}{1000 * total:10.1f}")
         print(f"{'step wall time, no profiler':30}{1000 * step_wall:10.1f}")
 
@@ -314,12 +320,7 @@ def main() -> None:
         print(f"{'embeddings from the cache':30}{1000 * with_cache:10.1f}{images / with_cache:10.2f}")
         print(f"{'speed-up per step':30}{with_encoder / with_cache:9.1f}x")
         print(f"{'cached step per mask-round':30}{1000 * with_cache / (rounds * n):10.1f}")
-        phases = profiled_phases(lambda: train_step(cached_batch), device)
-        total = sum(phases.values())
-        what = "GPU kernel time" if device.type == "cuda" else "CPU time"
-        print(f"\nphases of one step from the cache ({what} under the profiler)")
-        for name, label in [*PHASES.items(), ("other", "other")]:
-            print(f"{label:30}{1000 * phases[name]:10.1f}{100 * phases[name] / total:7.1f}%")
+        print_phases("one step from the cache", profiled_phases(lambda: train_step(cached_batch), device), device)
 
     if device.type == "cpu":
         print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f} ({torch.get_num_threads()} threads)")
