@@ -465,15 +465,14 @@ class Engine:
         load = lambda: (self.image(key), self._pool_files[key].read_bytes())  # noqa: E731
         return lambda prompt: segmenter.segment(key, load, prompt).mask
 
-    def _labelstudio_tool(self, client: ls.LabelStudio, project: int, task: dict) -> Tool:
-        """Clicks on a task answered by the project's ML backend through Label Studio, as in its editor."""
-        backend = next(b for b in client.request("GET", "/api/ml", query={"project": project}) if b.get("is_interactive"))
+    def _labelstudio_tool(self, client: ls.LabelStudio, backend: int, task: dict) -> Tool:
+        """Clicks on a task answered by ML backend `backend` through Label Studio, as in its editor."""
         width, height = task["data"]["width"], task["data"]["height"]
 
         def tool(prompt: Prompt) -> np.ndarray:
             regions = [ls.click_result(p, label == 1, width, height, f"c{n}")
                        for n, (p, label) in enumerate(zip(prompt.points, prompt.labels))]
-            answer = client.interactive_annotate(backend["id"], task["id"], {"result": regions})
+            answer = client.interactive_annotate(backend, task["id"], {"result": regions})
             (region,) = answer["result"]
             return brush_rle.decode(region["value"]["rle"], height, width)
 
@@ -497,12 +496,16 @@ class Engine:
         client = self._client()
         project = self._project(client, r)
         records, truth = self.autolabel_records(r), self._truth()
-        predictor = None if self.assisted(r) else SamPredictor(build_sam(self.cfg.model.name, checkpoint=self.model_path(r)))
+        if self.assisted(r):  # the project's interactive backend answers the clicks: looked up once
+            backends = client.request("GET", "/api/ml", query={"project": project})
+            backend, predictor = next(b["id"] for b in backends if b.get("is_interactive")), None
+        else:
+            predictor = SamPredictor(build_sam(self.cfg.model.name, checkpoint=self.model_path(r)))
         for task in self._round_tasks(client, project, r):
             if task.get("total_annotations") or task.get("annotations"):
                 continue  # submitted before a crash: never twice
             key = task["data"]["key"]
-            tool = predictor or self._labelstudio_tool(client, project, task)
+            tool = predictor or self._labelstudio_tool(client, backend, task)
             saved = self._review(r, key, records[key], tool, truth)
             predictions = task.get("predictions") or []
             last = predictions[-1] if predictions else None
