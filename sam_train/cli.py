@@ -241,7 +241,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     model = build_sam(args.model, checkpoint=None if builtin else args.checkpoint, pretrained=builtin)
     model = model.to(_process_device(args.device, 0))
     workdir = Path(args.workdir)
-    store = EmbeddingStore(model, workdir / "embeddings", capacity=args.memory_images)
+    store = EmbeddingStore(model, workdir / "embeddings", capacity=args.memory_images, disk_limit_mb=args.disk_cache_mb)
     token = args.label_studio_token or os.environ.get("LABEL_STUDIO_TOKEN")
     backend = Backend(InteractiveSegmenter(store), ImageSource(args.label_studio_url, token, args.images_root),
                       AnnotationJournal(workdir / "annotations.jsonl"),
@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workdir", default="sam-train-serve",
                        help="embedding cache and annotations journal (an engine work folder, to ingest what people submit)")
     serve.add_argument("--memory-images", type=int, default=16, help="image embeddings kept in memory (LRU)")
+    serve.add_argument("--disk-cache-mb", type=float, default=None,
+                       help="bound the on-disk embedding cache: least recently used ones are deleted (default unbounded)")
     serve.add_argument("--label-studio-url", help="where task images are fetched (default: what Label Studio tells /setup)")
     serve.add_argument("--label-studio-token", help="API token for fetching images (default $LABEL_STUDIO_TOKEN, or /setup's)")
     serve.add_argument("--images-root", action="append", default=[],

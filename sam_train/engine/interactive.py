@@ -8,7 +8,9 @@ simulated annotator in assisted rounds, so both answer a click the same way:
 - `EmbeddingStore` keeps the embeddings of the last `capacity` images in memory (LRU) and every
   embedding on disk, keyed by the SHA-256 of the image's bytes under a folder named after the
   encoder's fingerprint (weights, input size, pixel statistics): a restarted backend, or another
-  checkpoint's backend, never reuses an embedding it did not make.
+  checkpoint's backend, never reuses an embedding it did not make. The disk cache may be bounded
+  (`disk_limit_mb`): a long-running backend then deletes the least recently used embeddings,
+  of any encoder, instead of filling the disk (a vit_h embedding is 4 MiB; a project, 100k images).
 - Clicks on one object arrive as a growing list (Label Studio sends all of the region's points
   each time). When a request extends one answered before by a single click, the earlier
   answer's low-res logits are fed back as the mask prompt, as in SAM's interactive protocol.
@@ -82,14 +84,22 @@ class Answer:
 class EmbeddingStore:
     """Image embeddings of one model: memory LRU first, then disk, else the encoder (and both are filled)."""
 
-    def __init__(self, model: Sam, folder: str | os.PathLike | None = None, capacity: int = 16) -> None:
+    def __init__(self, model: Sam, folder: str | os.PathLike | None = None, capacity: int = 16,
+                 disk_limit_mb: float | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"the in-memory embedding cache holds at least 1 image, got capacity={capacity}")
+        if disk_limit_mb is not None and disk_limit_mb <= 0:
+            raise ValueError(f"disk_limit_mb must be positive (None: unbounded), got {disk_limit_mb}")
         self.predictor = SamPredictor(model)
         fingerprint = json.dumps(encoder_fingerprint(model), sort_keys=True).encode()
         self.encoder_id = hashlib.sha256(fingerprint).hexdigest()[:16]
-        self.folder = None if folder is None else Path(folder) / self.encoder_id
+        self.root = None if folder is None else Path(folder)  # every encoder's folder: what the disk limit covers
+        self.folder = None if folder is None else self.root / self.encoder_id
         self.capacity = capacity
+        self.disk_limit = None if disk_limit_mb is None else int(disk_limit_mb * 2**20)
+        # The cache's size as last scanned plus what this store wrote since: other processes sharing
+        # the folder (the engine's assisted rounds) are counted at the next scan.
+        self._disk_bytes = sum(size for _, _, size in self._disk_files()) if self.disk_limit else 0
         self._memory: OrderedDict[str, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = OrderedDict()
         self.encoded = 0  # how often the encoder ran: what a cache hit saves
 
@@ -105,22 +115,64 @@ class EmbeddingStore:
             return False
         pixels, data = load()
         path = None if self.folder is None else self.folder / f"{hashlib.sha256(data).hexdigest()}.safetensors"
-        encoded = path is None or not path.is_file()
+        cached = self._read(path)
+        encoded = cached is None
         if encoded:
             self.predictor.set_image(pixels)
             self.encoded += 1
             if path is not None:
-                atomic_write_bytes(path, save_safetensors(
-                    {"embedding": self.predictor.features.detach().cpu().contiguous()},
-                    metadata={"original_size": json.dumps(self.predictor.original_size),
-                              "input_size": json.dumps(self.predictor.input_size)},
-                ))
+                self._write(path)
         else:
-            self.predictor.set_embedding(*_read_embedding(path))
+            self.predictor.set_embedding(*cached)
         self._memory[image_id] = (self.predictor.features, self.predictor.original_size, self.predictor.input_size)
         if len(self._memory) > self.capacity:
             self._memory.popitem(last=False)
         return encoded
+
+    def _read(self, path: Path | None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]] | None:
+        """The disk cache's entry at `path`, marked as just used; None if there is none."""
+        if path is None:
+            return None
+        try:
+            cached = _read_embedding(path)
+            os.utime(path)  # the eviction order is the files' mtimes: least recently used first
+        except FileNotFoundError:  # never written, or evicted by another process sharing the folder
+            return None
+        return cached
+
+    def _write(self, path: Path) -> None:
+        data = save_safetensors(
+            {"embedding": self.predictor.features.detach().cpu().contiguous()},
+            metadata={"original_size": json.dumps(self.predictor.original_size),
+                      "input_size": json.dumps(self.predictor.input_size)},
+        )
+        atomic_write_bytes(path, data)
+        self._disk_bytes += len(data)
+        if self.disk_limit is not None and self._disk_bytes > self.disk_limit:
+            self._evict(keep=path)
+
+    def _disk_files(self) -> list[tuple[float, Path, int]]:
+        """(mtime, path, size) of every cached embedding under the root, of any encoder."""
+        files = []
+        for path in self.root.glob("*/*.safetensors") if self.root is not None and self.root.is_dir() else ():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # evicted by another process while we looked
+                continue
+            files.append((stat.st_mtime, path, stat.st_size))
+        return files
+
+    def _evict(self, keep: Path) -> None:
+        """Delete the least recently used embeddings until the cache fits its limit (never `keep`, just written)."""
+        files = sorted(self._disk_files())
+        total = sum(size for _, _, size in files)
+        for _, path, size in files:
+            if total <= self.disk_limit:
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)
+                total -= size
+        self._disk_bytes = total
 
 
 def _read_embedding(path: Path) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
@@ -130,6 +182,8 @@ def _read_embedding(path: Path) -> tuple[torch.Tensor, tuple[int, int], tuple[in
             sizes = f.metadata()
             return (f.get_tensor("embedding"), tuple(json.loads(sizes["original_size"])),
                     tuple(json.loads(sizes["input_size"])))
+    except FileNotFoundError:
+        raise
     except (KeyError, TypeError, ValueError, OSError, SafetensorError) as exc:
         raise ValueError(f"{path}: not an embedding written by sam-train serve ({exc}); delete it to recompute") from exc
 

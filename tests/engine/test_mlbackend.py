@@ -145,6 +145,29 @@ def test_embeddings_come_from_memory_then_disk_and_belong_to_their_encoder(tiny,
         EmbeddingStore(tiny, tmp_path).embed("a", loader("a"))
 
 
+def test_a_bounded_disk_cache_drops_the_least_recently_used_embeddings(tiny, tmp_path: Path):
+    images = {name: scene(seed) for name, seed in (("a", 1), ("b", 2), ("c", 3))}
+
+    def loader(name):
+        return lambda: (images[name], png(images[name]))
+
+    probe = EmbeddingStore(tiny, tmp_path / "probe")
+    probe.embed("a", loader("a"))
+    one = next(probe.folder.iterdir()).stat().st_size  # every tiny embedding has the same size
+    # Room for two embeddings (of any encoder), not three; memory holds one image, so hits come from disk.
+    store = EmbeddingStore(tiny, tmp_path / "cache", capacity=1, disk_limit_mb=2.5 * one / 2**20)
+    assert [store.embed(name, loader(name)) for name in "ab"] == [True, True]
+    assert store.embed("a", loader("a")) is False, "a from disk, now the most recently used"
+    assert store.embed("c", loader("c")) is True
+    cached = {p.name for p in store.folder.iterdir()}
+    digest = {name: f"{hashlib.sha256(png(images[name])).hexdigest()}.safetensors" for name in images}
+    assert cached == {digest["a"], digest["c"]}, "b, the least recently used, was deleted"
+    assert store.embed("b", loader("b")) is True, "an evicted embedding is computed again"
+    assert {p.name for p in store.folder.iterdir()} == {digest["c"], digest["b"]}
+    with pytest.raises(ValueError, match="disk_limit_mb must be positive"):
+        EmbeddingStore(tiny, tmp_path, disk_limit_mb=0)
+
+
 def test_images_come_only_from_allowed_places(tmp_path: Path):
     pixels = scene()
     allowed = tmp_path / "allowed"
