@@ -230,26 +230,37 @@ def _is_override(arg: str) -> bool:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
+    from omegaconf import OmegaConf
+
     from sam_train.engine.interactive import EmbeddingStore, InteractiveSegmenter
     from sam_train.engine.journal import AnnotationJournal
-    from sam_train.engine.mlbackend import Backend, ImageSource, make_server
-    from sam_train.model import build_sam
-    from sam_train.model.checkpoint import weights_digest
+    from sam_train.engine.loop import current_model
+    from sam_train.engine.mlbackend import Backend, ImageSource, ModelSource, make_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    builtin = args.checkpoint == "builtin"
-    model = build_sam(args.model, checkpoint=None if builtin else args.checkpoint, pretrained=builtin)
-    model = model.to(_process_device(args.device, 0))
-    workdir = Path(args.workdir)
-    store = EmbeddingStore(model, workdir / "embeddings", capacity=args.memory_images, disk_limit_mb=args.disk_cache_mb)
+    engine = Path(args.checkpoint)
+    if (engine / "engine.yaml").is_file():  # an engine work folder: serve its newest round's model, and follow it
+        name = args.model or OmegaConf.load(engine / "engine.yaml").model.name
+        workdir = Path(args.workdir or engine)
+        locate = lambda: current_model(engine)  # noqa: E731
+    else:
+        fixed = None if args.checkpoint == "builtin" else Path(args.checkpoint)
+        name, workdir, locate = args.model or "tiny", Path(args.workdir or "sam-train-serve"), lambda: fixed
+
+    def segmenter(model: Sam) -> InteractiveSegmenter:  # each model its own embedding cache: the encoder changed
+        store = EmbeddingStore(model, workdir / "embeddings", capacity=args.memory_images, disk_limit_mb=args.disk_cache_mb)
+        return InteractiveSegmenter(store)
+
+    source = ModelSource(name, locate, segmenter, _process_device(args.device, 0))
+    served = source()  # load now: a bad checkpoint fails here, not at the first click
     token = args.label_studio_token or os.environ.get("LABEL_STUDIO_TOKEN")
-    backend = Backend(InteractiveSegmenter(store), ImageSource(args.label_studio_url, token, args.images_root),
-                      AnnotationJournal(workdir / "annotations.jsonl"),
-                      model_version=f"sam-train-{args.model}-{weights_digest(model)[:12]}")
+    backend = Backend(source, ImageSource(args.label_studio_url, token, args.images_root),
+                      AnnotationJournal(workdir / "annotations.jsonl"))
     server = make_server(backend, args.host, args.port)
     host, port = server.server_address[:2]
-    print(f"serving {args.model} ({args.checkpoint}) as a Label Studio ML backend at http://{host}:{port}", flush=True)
-    print(f"embeddings: {store.folder}; annotations journal: {backend.journal.path}", flush=True)
+    print(f"serving {served.version} ({locate() or 'builtin'}) as a Label Studio ML backend at http://{host}:{port}",
+          flush=True)
+    print(f"embeddings: {served.segmenter.store.folder}; annotations journal: {backend.journal.path}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -428,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="our model as a Label Studio ML backend: clicks in the labelling UI answered with masks",
-        description="CKPT: an official-layout .pth/.safetensors, or `builtin`. Connect it in Label Studio (project"
+        description="CKPT: an official-layout .pth/.safetensors, `builtin`, or an engine work folder (then the"
+        " newest round's model is served, the next one as soon as the engine has trained it, and WORKDIR defaults"
+        " to that folder). Connect it in Label Studio (project"
         " settings > Model, or POST /api/ml with is_interactive=true) and label with smart keypoints and rectangles;"
         " each image's embedding is computed once and cached in memory and under WORKDIR/embeddings. Label"
         " Studio's webhook appends every submitted annotation to WORKDIR/annotations.jsonl: give the engine's"
@@ -436,11 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
         " ML_BLOCK_LOCAL_IP=false SSRF_PROTECTION_ENABLED=false to call a backend on a private or loopback address.",
     )
     serve.add_argument("checkpoint", metavar="CKPT")
-    serve.add_argument("--model", default="tiny", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny")
+    serve.add_argument("--model", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny (default: the engine's, else tiny)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=int, default=9090)
-    serve.add_argument("--workdir", default="sam-train-serve",
-                       help="embedding cache and annotations journal (an engine work folder, to ingest what people submit)")
+    serve.add_argument("--workdir", help="embedding cache and annotations journal: an engine work folder, to ingest what"
+                       " people submit (default: the engine folder given as CKPT, else ./sam-train-serve)")
     serve.add_argument("--memory-images", type=int, default=16, help="image embeddings kept in memory (LRU)")
     serve.add_argument("--disk-cache-mb", type=float, default=None,
                        help="bound the on-disk embedding cache: least recently used ones are deleted (default unbounded)")

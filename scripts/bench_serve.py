@@ -32,7 +32,7 @@ from PIL import Image
 from sam_train.engine.interactive import EmbeddingStore, InteractiveSegmenter
 from sam_train.engine.journal import AnnotationJournal
 from sam_train.engine.labelstudio import ASSISTED_LABEL_CONFIG, CLICK, DRAG, IMAGE
-from sam_train.engine.mlbackend import Backend, ImageSource, make_server
+from sam_train.engine.mlbackend import Backend, ImageSource, Served, make_server
 from sam_train.model import build_sam
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "images"
@@ -83,8 +83,9 @@ def bench_model(name: str, files: list[tuple[Path, int, int]], clicks: int, work
     rng = np.random.default_rng(0)
     for restart in (False, True):
         store = EmbeddingStore(model, workdir / name, capacity=len(files) + 1)
-        backend = Backend(InteractiveSegmenter(store), ImageSource(roots=[files[0][0].parent]),
-                          AnnotationJournal(workdir / f"{name}.jsonl"), name)
+        served = Served(InteractiveSegmenter(store), name)
+        backend = Backend(lambda served=served: served, ImageSource(roots=[files[0][0].parent]),
+                          AnnotationJournal(workdir / f"{name}.jsonl"))
         server = make_server(backend, "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_address[1]}"

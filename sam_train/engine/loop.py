@@ -51,6 +51,7 @@ from sam_train.engine.annotator import AnnotatorConfig, Review, Tool, label_with
 from sam_train.engine.interactive import EmbeddingStore, InteractiveSegmenter
 from sam_train.engine.journal import AnnotationJournal, Journal
 from sam_train.engine.merge import apply_edits
+from sam_train.engine.mlbackend import model_version, served_version
 from sam_train.engine.records import Edit, Prompt
 from sam_train.model import build_sam, export_official
 from sam_train.predictor import SamPredictor
@@ -154,6 +155,13 @@ def _write_version(folder: Path, shards: list[dict], source: dict) -> dict:
     return manifest
 
 
+def current_model(root: str | os.PathLike) -> Path:
+    """The model an engine labels with now: its newest round's (written when that round's train step
+    finishes), else the initial one. What `sam-train serve WORKDIR` follows."""
+    rounds = sorted((Path(root) / "rounds").glob("r[0-9][0-9][0-9]/model.pth"))
+    return rounds[-1] if rounds else Path(root) / "models" / "initial.pth"
+
+
 class Engine:
     """One work folder: its config, journal and paths, and the steps of a round."""
 
@@ -165,6 +173,7 @@ class Engine:
         self.journal = Journal(self.root / "journal.jsonl")
         self.keys: list[str] = json.loads((self.root / "pool" / "pool.json").read_text())
         self._pool_files = {p.stem: p for p in (self.root / "pool").iterdir() if p.suffix in IMAGE_SUFFIXES}
+        self._round_versions: dict[int, str] = {}  # round -> its model's version, as `sam-train serve` reports it
 
     def round_dir(self, r: int) -> Path:
         return self.root / "rounds" / f"r{r:03d}"
@@ -273,6 +282,8 @@ class Engine:
     def step_annotate(self, r: int, wait: bool) -> dict:
         """Get this round's corrections: from the simulated annotator, Label Studio, or files people hand back."""
         corrections = self.round_dir(r) / "corrections"
+        if self.cfg.backend == "labelstudio" and self.assisted(r):
+            self._check_ml_backend(r)
         if self.cfg.annotator.kind == "simulated":
             if self.cfg.backend == "labelstudio":
                 self._simulate_in_labelstudio(r)
@@ -451,14 +462,31 @@ class Engine:
         for project in client.request("GET", "/api/projects", query={"page_size": 1000}).get("results", []):
             if project.get("title") == title:
                 return int(project["id"])
-        if assisted and not self.cfg.labelstudio.ml_backend:
-            raise ValueError("assisted rounds in Label Studio need labelstudio.ml_backend: the URL of"
-                             f" `sam-train serve {self.model_path(r)} --workdir {self.root}`")
+        backend = self._ml_backend_url() if assisted else None  # checked before a project is made
         project = client.create_project(title, ls.ASSISTED_LABEL_CONFIG if assisted else ls.LABEL_CONFIG)
         client.connect_local_files(project["id"], self.root / "pool")
-        if assisted:
-            client.connect_ml_backend(project["id"], self.cfg.labelstudio.ml_backend)
+        if backend:
+            client.connect_ml_backend(project["id"], backend)
         return int(project["id"])
+
+    def _ml_backend_url(self) -> str:
+        if not self.cfg.labelstudio.ml_backend:
+            raise ValueError("assisted rounds in Label Studio need labelstudio.ml_backend: the URL of"
+                             f" `sam-train serve {self.root}`")
+        return self.cfg.labelstudio.ml_backend
+
+    def _check_ml_backend(self, r: int) -> None:
+        """Refuse an assisted round whose clicks another model would answer: the backend must serve round r's."""
+        url = self._ml_backend_url()
+        if r not in self._round_versions:
+            name = self.cfg.model.name
+            self._round_versions[r] = model_version(name, build_sam(name, checkpoint=self.model_path(r)))
+        serving = served_version(url)
+        if serving != self._round_versions[r]:
+            raise ValueError(
+                f"the ML backend at {url} serves {serving}, but round {r} labels with {self._round_versions[r]}"
+                f" ({self.model_path(r)}): serve the work folder, `sam-train serve {self.root}`, which follows"
+                " each round's model")
 
     def _local_tool(self, segmenter: InteractiveSegmenter, key: str) -> Tool:
         """Clicks on pool image `key` answered in-process, as `sam-train serve` answers them."""

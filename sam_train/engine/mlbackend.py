@@ -15,6 +15,10 @@ Label Studio calls an ML backend over HTTP (label-studio 1.23, `label_studio/ml/
   connected). Annotation events are appended to the `AnnotationJournal` and fsynced before we
   answer, so a submitted annotation survives the backend being killed the moment after.
 
+`serve` answers with one checkpoint, or follows an engine work folder (`ModelSource`): SAM
+retrained its model six times during the assisted-manual stage, and people keep clicking in the
+same Label Studio project while the engine trains the next round's model.
+
 Images are read from where the task says: Label Studio paths (`/data/upload/...`,
 `/data/local-files/?d=...`) from the server with the token, `http(s)` URLs, `data:` URIs, and local
 files only under the folders given with `--images-root`. Bad requests get HTTP 400 with a message
@@ -30,8 +34,9 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +50,8 @@ from sam_train.engine.amg import decode_image
 from sam_train.engine.interactive import Answer, InteractiveSegmenter
 from sam_train.engine.journal import AnnotationJournal
 from sam_train.engine.records import Prompt
+from sam_train.model import Sam, build_sam
+from sam_train.model.checkpoint import weights_digest
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 << 20  # bytes: a webhook with a big annotation is a few MB; more is not Label Studio
@@ -114,12 +121,12 @@ def context_prompt(context: dict, where: str) -> tuple[Prompt, int, int, str | N
     return Prompt(box, tuple(points), tuple(labels)), size[0], size[1], label
 
 
-def answer_result(answer: Answer, tags: Tags, label: str | None, model_version: str) -> dict:
+def answer_result(answer: Answer, tags: Tags, label: str | None, version: str) -> dict:
     """One prediction for Label Studio: the mask as a brush region with the model's predicted IoU."""
     region = ls.brush_result(answer.mask, "sam", label if label in tags.labels else tags.label, score=answer.score)
     region.update(from_name=tags.brush, to_name=tags.image, readonly=False)
     del region["id"]  # Label Studio names the region itself
-    return {"result": [region], "score": answer.score, "model_version": model_version}
+    return {"result": [region], "score": answer.score, "model_version": version}
 
 
 class ImageSource:
@@ -175,32 +182,87 @@ class ImageSource:
             raise ValueError(f"{where}: cannot fetch {_short(url)} ({exc})") from None
 
 
+def model_version(name: str, model: Sam) -> str:
+    """What /health and every prediction report: the model's name and weights digest. It changes
+    whenever the model is retrained, so an engine can tell which round's model a backend serves."""
+    return f"sam-train-{name}-{weights_digest(model)[:12]}"
+
+
+def served_version(url: str, timeout: float = 10.0) -> str:
+    """The model version a running backend at `url` reports on /health; ValueError if it does not answer."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as reply:
+            version = json.loads(reply.read()).get("model_version")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"the ML backend at {url} does not answer /health: {exc}") from exc
+    if not isinstance(version, str):
+        raise ValueError(f"the ML backend at {url} reports no model_version on /health")
+    return version
+
+
+@dataclass(frozen=True)
+class Served:
+    """The model answering now and the version it reports."""
+
+    segmenter: InteractiveSegmenter
+    version: str
+
+
+class ModelSource:
+    """The model `serve` answers with, reloaded when its checkpoint file changes.
+
+    `locate` says where the checkpoint is now (None: the built-in weights): a fixed path, or an
+    engine work folder's newest round model (`sam_train.engine.loop.current_model`), so the backend
+    moves to each round's model as soon as the engine has trained it, without a restart. Calling
+    the source costs a stat; loading happens on the first call and after a change.
+    """
+
+    def __init__(self, name: str, locate: Callable[[], Path | None], make: Callable[[Sam], InteractiveSegmenter],
+                 device: str = "cpu") -> None:
+        self.name = name
+        self.locate = locate
+        self.make = make  # model -> the segmenter answering with it (its own embedding cache: the encoder changed)
+        self.device = device
+        self._lock = threading.Lock()
+        self._stamp: tuple[Path, int] | None = None
+        self._served: Served | None = None
+
+    def __call__(self) -> Served:
+        with self._lock:
+            path = self.locate()
+            stamp = None if path is None else (path, path.stat().st_mtime_ns)
+            if self._served is None or stamp != self._stamp:
+                model = build_sam(self.name, checkpoint=path, pretrained=path is None).to(self.device)
+                self._served, self._stamp = Served(self.make(model), model_version(self.name, model)), stamp
+                log.info("serving %s from %s", self._served.version, path or "the built-in weights")
+            return self._served
+
+
 class Backend:
     """The protocol's logic, apart from HTTP: what each endpoint answers."""
 
-    def __init__(self, segmenter: InteractiveSegmenter, images: ImageSource, journal: AnnotationJournal,
-                 model_version: str) -> None:
-        self.segmenter = segmenter
+    def __init__(self, model: Callable[[], Served], images: ImageSource, journal: AnnotationJournal) -> None:
+        self.model = model  # called per request: the model may have moved on (`ModelSource`)
         self.images = images
         self.journal = journal
-        self.model_version = model_version
         self._users: dict[int, dict] = {}  # Label Studio user id -> {"id", "email"}
 
     def health(self) -> dict:
-        return {"status": "UP", "model_class": "sam-train", "model_version": self.model_version}
+        return {"status": "UP", "model_class": "sam-train", "model_version": self.model().version}
 
     def setup(self, body: dict) -> dict:
         read_tags(body.get("schema"))  # refuse a project we cannot answer now, not at the first click
         self.images.connect(body.get("hostname"), body.get("access_token"))
-        return {"model_version": self.model_version}
+        return {"model_version": self.model().version}
 
     def predict(self, body: dict) -> dict:
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
             raise ValueError("/predict needs a list of tasks")
+        served = self.model()
         context = (body.get("params") or {}).get("context")
         if not context:
-            return {"results": [{"result": [], "score": 0.0, "model_version": self.model_version} for _ in tasks]}
+            return {"results": [{"result": [], "score": 0.0, "model_version": served.version} for _ in tasks]}
         if len(tasks) != 1:
             raise ValueError(f"an interactive request is about one task, got {len(tasks)}")
         tags = read_tags(body.get("label_config"))
@@ -208,11 +270,11 @@ class Backend:
         where = f"task {task.get('id', '?')}"
         prompt, width, height, label = context_prompt(context, where)
         url = (task.get("data") or {}).get(tags.data_key)
-        answer = self.segmenter.segment(str(url), lambda: self.images.load(url, where), prompt)
+        answer = served.segmenter.segment(str(url), lambda: self.images.load(url, where), prompt)
         if answer.mask.shape != (height, width):
             raise ValueError(f"{where}: the prompt is for a {width} x {height} image, the task's image is"
                              f" {answer.mask.shape[1]} x {answer.mask.shape[0]}")
-        return {"results": [answer_result(answer, tags, label, self.model_version)]}
+        return {"results": [answer_result(answer, tags, label, served.version)]}
 
     def webhook(self, body: dict) -> dict:
         annotation = body.get("annotation")

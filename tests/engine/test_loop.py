@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,12 @@ from pycocotools import mask as mask_utils
 from sam_train.data.shards import iter_raw_samples, read_manifest, resolve_shards
 from sam_train.data.synth import synth_dataset
 from sam_train.engine import brush_rle
-from sam_train.engine.loop import CRASH_ENV, STEPS, Engine, init_workdir
+from sam_train.engine.interactive import EmbeddingStore, InteractiveSegmenter
+from sam_train.engine.journal import AnnotationJournal
+from sam_train.engine.loop import CRASH_ENV, STEPS, Engine, current_model, init_workdir
+from sam_train.engine.mlbackend import Backend, ImageSource, ModelSource, make_server
+from sam_train.model import build_sam, export_official
+from tests.conftest import free_port, perturb_all_weights_
 
 # Seconds, not minutes: a 4 x 4 grid, 2 training steps, 3 images a round.
 MINIATURE = [
@@ -138,3 +144,30 @@ def test_assisted_round_labels_from_scratch_with_the_backends_clicks(domain, tmp
     assert total > 0 and len(ids) == total, "annotation ids stay unique across the dataset"
     (summary,) = json.loads((root / "rounds.json").read_text())
     assert summary["masks_added"] == total and summary["clicks_per_corrected_mask"] >= 1
+
+
+def test_an_assisted_round_in_label_studio_refuses_a_backend_serving_another_model(domain, tmp_path):
+    """People must click with the round's model: the engine compares it with what the backend's /health reports."""
+    port = free_port()
+    root = init_workdir(tmp_path / "work", [domain["pool"]], [
+        *overrides(domain), "assisted_rounds=2", "backend=labelstudio", f"labelstudio.ml_backend=http://127.0.0.1:{port}",
+    ])
+    engine = Engine(root)
+    engine.step_train(1, wait=False)  # no labels yet: round 1's model is the initial one, copied
+    other = export_official(perturb_all_weights_(build_sam("tiny", pretrained=True), seed=5), tmp_path / "other.pth")
+    serving = {"path": other}
+    source = ModelSource("tiny", lambda: serving["path"],
+                         lambda model: InteractiveSegmenter(EmbeddingStore(model, root / "embeddings")))
+    server = make_server(Backend(source, ImageSource(), AnnotationJournal(root / "annotations.jsonl")), "127.0.0.1", port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ValueError, match=r"serves sam-train-tiny-\w+, but round 1 labels with .*sam-train serve"):
+            engine._check_ml_backend(1)
+        serving["path"] = current_model(root)  # what `sam-train serve WORKDIR` serves
+        assert serving["path"] == engine.model_path(1)
+        engine._check_ml_backend(1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="does not answer /health"):
+        engine._check_ml_backend(1)

@@ -70,8 +70,8 @@ def test_assisted_round_through_label_studio_and_our_backend(label_studio):
         f"labelstudio.document_root={label_studio.files_root}", "labelstudio.poll_seconds=1",
         f"labelstudio.ml_backend=http://127.0.0.1:{port}",
     ])
-    # The person's tool: our backend serving the round's model, journaling into the work folder.
-    backend, _ = start_backend(root, str(root / "models" / "initial.pth"), port)
+    # The person's tool: our backend following the work folder's round models, journaling into it.
+    backend, _ = start_backend(root, str(root), port)
     try:
         Engine(root).run(log=lambda line: None)
     finally:

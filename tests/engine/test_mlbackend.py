@@ -20,9 +20,11 @@ from sam_train.engine import brush_rle
 from sam_train.engine import labelstudio as ls
 from sam_train.engine.interactive import EmbeddingStore, InteractiveSegmenter, previous_prompt
 from sam_train.engine.journal import AnnotationJournal
-from sam_train.engine.mlbackend import Backend, ImageSource, context_prompt, make_server, read_tags
+from sam_train.engine.loop import current_model
+from sam_train.engine.mlbackend import (Backend, ImageSource, ModelSource, Served, context_prompt, make_server,
+                                        model_version, read_tags, served_version)
 from sam_train.engine.records import Prompt
-from sam_train.model import build_sam
+from sam_train.model import build_sam, export_official
 from tests.conftest import perturb_all_weights_
 
 H, W = 90, 120
@@ -198,7 +200,8 @@ def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict]:
 def test_the_http_protocol(tiny, tmp_path: Path):
     pixels = scene()
     journal = AnnotationJournal(tmp_path / "annotations.jsonl")
-    backend = Backend(InteractiveSegmenter(EmbeddingStore(tiny)), ImageSource(), journal, "v-test")
+    served = Served(InteractiveSegmenter(EmbeddingStore(tiny)), "v-test")
+    backend = Backend(lambda: served, ImageSource(), journal)
     server = make_server(backend, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -238,6 +241,40 @@ def test_the_http_protocol(tiny, tmp_path: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_served_engine_folder_moves_to_each_new_round_model(tiny, tmp_path: Path):
+    engine = tmp_path / "work"
+    export_official(tiny, engine / "models" / "initial.pth")
+    made = []
+
+    def segmenter(model):
+        made.append(model)
+        return InteractiveSegmenter(EmbeddingStore(model, tmp_path / "embeddings"))
+
+    source = ModelSource("tiny", lambda: current_model(engine), segmenter)
+    backend = Backend(source, ImageSource(), AnnotationJournal(tmp_path / "annotations.jsonl"))
+    server = make_server(backend, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        first = source()
+        assert source() is first and len(made) == 1, "nothing changed: nothing reloaded"
+        assert served_version(url) == first.version == model_version("tiny", tiny)
+        retrained = perturb_all_weights_(build_sam("tiny", pretrained=True), seed=4)
+        export_official(retrained, engine / "rounds" / "r001" / "model.pth")  # the engine trained round 1
+        assert served_version(url) == model_version("tiny", retrained) != first.version
+        second = source()
+        assert len(made) == 2 and second.segmenter.store.encoder_id != first.segmenter.store.encoder_id
+        click = Prompt(points=((55.0, 45.0),), labels=(1,))
+        answer = second.segmenter.segment("x", lambda: (scene(), png(scene())), click)
+        expected = InteractiveSegmenter(EmbeddingStore(retrained)).segment("x", lambda: (scene(), b""), click)
+        assert np.array_equal(answer.mask, expected.mask), "clicks are answered by the new round's model"
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="does not answer /health"):
+        served_version(url, timeout=2)
 
 
 def test_annotation_journal_keeps_each_tasks_latest_annotations(tmp_path: Path):
