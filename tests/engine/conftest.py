@@ -7,16 +7,19 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from sam_train.engine.labelstudio import LabelStudio
+from sam_train.engine.mlbackend import Backend, make_server
+from tests.conftest import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABEL_STUDIO_VENV = REPO_ROOT / os.environ.get("SAM_TRAIN_LABEL_STUDIO_VENV", ".venv-labelstudio")
@@ -65,10 +68,16 @@ class LabelStudioServer:
         return LabelStudio(self.url, self.token)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@contextmanager
+def serving_backend(backend: Backend, port: int = 0) -> Iterator[str]:
+    """Serve `backend` on 127.0.0.1 from a thread (port 0: any free one); yields its URL, stops it on exit."""
+    server = make_server(backend, "127.0.0.1", port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +100,7 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
         # Our ML backend listens on 127.0.0.1: Label Studio refuses ML backends and webhooks on loopback otherwise.
         "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
     }
-    command = [str(executable), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(_free_port()),
+    command = [str(executable), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(free_port()),
                "--data-dir", str(data_dir)]
     started = time.monotonic()
     with open(log_path, "wb") as log:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,10 @@ from sam_train.engine import brush_rle
 from sam_train.engine.interactive import EmbeddingStore, InteractiveSegmenter
 from sam_train.engine.journal import AnnotationJournal
 from sam_train.engine.loop import CRASH_ENV, STEPS, Engine, current_model, init_workdir
-from sam_train.engine.mlbackend import Backend, ImageSource, ModelSource, make_server
+from sam_train.engine.mlbackend import Backend, ImageSource, ModelSource
 from sam_train.model import build_sam, export_official
 from tests.conftest import free_port, perturb_all_weights_
+from tests.engine.conftest import serving_backend
 
 # Seconds, not minutes: a 4 x 4 grid, 2 training steps, 3 images a round.
 MINIATURE = [
@@ -158,16 +158,11 @@ def test_an_assisted_round_in_label_studio_refuses_a_backend_serving_another_mod
     serving = {"path": other}
     source = ModelSource("tiny", lambda: serving["path"],
                          lambda model: InteractiveSegmenter(EmbeddingStore(model, root / "embeddings")))
-    server = make_server(Backend(source, ImageSource(), AnnotationJournal(root / "annotations.jsonl")), "127.0.0.1", port)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving_backend(Backend(source, ImageSource(), AnnotationJournal(root / "annotations.jsonl")), port):
         with pytest.raises(ValueError, match=r"serves sam-train-tiny-\w+, but round 1 labels with .*sam-train serve"):
             engine._check_ml_backend(1)
         serving["path"] = current_model(root)  # what `sam-train serve WORKDIR` serves
         assert serving["path"] == engine.model_path(1)
         engine._check_ml_backend(1)
-    finally:
-        server.shutdown()
-        server.server_close()
     with pytest.raises(ValueError, match="does not answer /health"):
         engine._check_ml_backend(1)

@@ -7,7 +7,6 @@ import base64
 import hashlib
 import io
 import json
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,11 +20,12 @@ from sam_train.engine import labelstudio as ls
 from sam_train.engine.interactive import EmbeddingStore, InteractiveSegmenter, previous_prompt
 from sam_train.engine.journal import AnnotationJournal
 from sam_train.engine.loop import current_model
-from sam_train.engine.mlbackend import (Backend, ImageSource, ModelSource, Served, context_prompt, make_server,
-                                        model_version, read_tags, served_version)
+from sam_train.engine.mlbackend import (Backend, ImageSource, ModelSource, Served, context_prompt, model_version,
+                                        read_tags, served_version)
 from sam_train.engine.records import Prompt
 from sam_train.model import build_sam, export_official
 from tests.conftest import perturb_all_weights_
+from tests.engine.conftest import serving_backend
 
 H, W = 90, 120
 
@@ -202,10 +202,7 @@ def test_the_http_protocol(tiny, tmp_path: Path):
     journal = AnnotationJournal(tmp_path / "annotations.jsonl")
     served = Served(InteractiveSegmenter(EmbeddingStore(tiny)), "v-test")
     backend = Backend(lambda: served, ImageSource(), journal)
-    server = make_server(backend, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving_backend(backend) as url:
         assert call(url, "/health") == (200, {"status": "UP", "model_class": "sam-train", "model_version": "v-test"})
         assert call(url, "/setup", {"schema": ls.ASSISTED_LABEL_CONFIG, "project": "1.1"}) == (200, {"model_version": "v-test"})
         status, reply = call(url, "/setup", {"schema": "<View/>"})
@@ -238,9 +235,6 @@ def test_the_http_protocol(tiny, tmp_path: Path):
         status, reply = call(url, "/webhook", {"action": "ANNOTATION_CREATED", "task": {"id": 5}})
         assert status == 400 and "without its annotation" in reply["error"]
         assert [e["annotation"]["id"] for e in journal.entries()] == [9]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_served_engine_folder_moves_to_each_new_round_model(tiny, tmp_path: Path):
@@ -254,10 +248,7 @@ def test_a_served_engine_folder_moves_to_each_new_round_model(tiny, tmp_path: Pa
 
     source = ModelSource("tiny", lambda: current_model(engine), segmenter)
     backend = Backend(source, ImageSource(), AnnotationJournal(tmp_path / "annotations.jsonl"))
-    server = make_server(backend, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving_backend(backend) as url:
         first = source()
         assert source() is first and len(made) == 1, "nothing changed: nothing reloaded"
         assert served_version(url) == first.version == model_version("tiny", tiny)
@@ -270,9 +261,6 @@ def test_a_served_engine_folder_moves_to_each_new_round_model(tiny, tmp_path: Pa
         answer = second.segmenter.segment("x", lambda: (scene(), png(scene())), click)
         expected = InteractiveSegmenter(EmbeddingStore(retrained)).segment("x", lambda: (scene(), b""), click)
         assert np.array_equal(answer.mask, expected.mask), "clicks are answered by the new round's model"
-    finally:
-        server.shutdown()
-        server.server_close()
     with pytest.raises(ValueError, match="does not answer /health"):
         served_version(url, timeout=2)
 
