@@ -82,6 +82,7 @@ def init_workdir(
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"{root} exists and is not empty: an engine work folder is made once (use `engine run`)")
     cfg = load_config(config, overrides)
+    check_choices(cfg)
     for name in ("truth", "eval"):  # paths are stored absolute: the loop may run from anywhere
         cfg.data[name] = [str(Path(p).resolve()) for p in cfg.data[name] or []]
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,20 @@ def init_workdir(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+CHOICES = {"backend": ("local", "labelstudio"), "annotator.kind": ("simulated", "people")}
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Refuse a misspelt choice at `engine init`: the loop tests `== "simulated"` and the like, so a typo
+    would silently act as another choice (people who never come, tasks never pushed)."""
+    for name, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, name)
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.annotator.kind == "simulated" and not cfg.data.truth:
+        raise ValueError("annotator.kind=simulated needs data.truth: the shards holding the pool's ground truth")
 
 
 def _copy_pool(sources: list[str | os.PathLike], pool: Path) -> list[str]:

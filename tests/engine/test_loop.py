@@ -118,6 +118,17 @@ def test_init_refuses_a_used_folder_and_keys_that_clash(domain, tmp_path):
     assert not (tmp_path / "work").exists(), "a failed init leaves nothing behind"
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ("annotator.kind=person", r"annotator.kind='person' is not one of simulated, people"),
+    ("backend=label-studio", r"backend='label-studio' is not one of local, labelstudio"),
+    ("data.truth=[]", r"annotator.kind=simulated needs data.truth"),
+])
+def test_init_refuses_a_misspelt_choice(domain, tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        init_workdir(tmp_path / "work", [domain["pool"]], [*overrides(domain), setting])
+    assert not (tmp_path / "work").exists()
+
+
 def test_assisted_round_labels_from_scratch_with_the_backends_clicks(domain, tmp_path):
     root = init_workdir(tmp_path / "work", [domain["pool"]], [*overrides(domain), "assisted_rounds=1", "rounds=1"])
     engine = Engine(root)
