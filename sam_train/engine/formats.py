@@ -32,18 +32,8 @@ from typing import Any
 import numpy as np
 
 from sam_train.data import rle, sa1b
-from sam_train.data.convert import coco_mask
-from sam_train.engine.records import Edit, Prompt, Provenance, now_iso
-
-Skipped = list[tuple[str, str]]
-
-
-@dataclass
-class Ingested:
-    """The edits a correction file makes, and what it could not say, as (item, reason)."""
-
-    edits: list[Edit] = field(default_factory=list)
-    skipped: Skipped = field(default_factory=list)
+from sam_train.data.convert import Skipped, coco_mask
+from sam_train.engine.records import Edit, Ingested, Prompt, Provenance, now_iso
 
 
 @dataclass(frozen=True)

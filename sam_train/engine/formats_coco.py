@@ -25,7 +25,6 @@ from sam_train.atomic_io import atomic_write_bytes
 from sam_train.data import rle, sa1b
 from sam_train.data.convert import _coco_image_problem, _is_int, _load_coco
 from sam_train.engine.formats import (
-    Ingested,
     Returned,
     image_edits,
     image_key,
@@ -34,7 +33,7 @@ from sam_train.engine.formats import (
     parse_sam_id,
     parse_time,
 )
-from sam_train.engine.records import Provenance, now_iso
+from sam_train.engine.records import Ingested, Provenance, now_iso
 
 LABEL = "object"  # the one category: SAM masks are class-agnostic
 EXPORT_DESCRIPTION = "sam_train data engine export"

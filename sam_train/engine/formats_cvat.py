@@ -21,10 +21,9 @@ from xml.parsers import expat
 import numpy as np
 
 from sam_train.data import rle
+from sam_train.data.convert import Skipped
 from sam_train.engine.formats import (
-    Ingested,
     Returned,
-    Skipped,
     image_edits,
     image_key,
     image_size_problem,
@@ -32,7 +31,7 @@ from sam_train.engine.formats import (
     parse_sam_id,
     parse_time,
 )
-from sam_train.engine.records import NEGATIVE_LABELS, Prompt, Provenance, now_iso
+from sam_train.engine.records import NEGATIVE_LABELS, Ingested, Prompt, Provenance, now_iso
 
 _PROMPT_SHAPES = ("box", "points")
 

@@ -44,7 +44,7 @@ from sam_train.data import rle as coco_rle
 from sam_train.data.convert import coco_mask
 from sam_train.data.sa1b import validate_record
 from sam_train.engine import brush_rle
-from sam_train.engine.records import NEGATIVE_LABELS, Edit, Prompt, Provenance
+from sam_train.engine.records import NEGATIVE_LABELS, Edit, Ingested, Prompt, Provenance
 
 # Tag names of LABEL_CONFIG: results name them in from_name / to_name.
 IMAGE, MASK, BOX, POINT = "image", "mask", "box", "point"
@@ -192,15 +192,13 @@ def record_to_task(record: dict, image_url: str, key: str, round: int) -> dict:
 
 
 @dataclass
-class ParsedExport:
+class ParsedExport(Ingested):
     """What an export says: the edits, and every task or annotation that did not become edits.
 
-    `edits` and `skipped` read like `formats.Ingested`: skipped is (item, reason) for each task
-    whose latest annotation could not be used (none of its edits are in `edits`).
+    `skipped` is (item, reason) for each task whose latest annotation could not be used (none of
+    its edits are in `edits`).
     """
 
-    edits: list[Edit] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     unannotated: list[str] = field(default_factory=list)  # task ids with no submitted, non-cancelled annotation
     superseded: list[tuple[str, int]] = field(default_factory=list)  # (task id, annotation id) a later one replaced
     drafts: list[str] = field(default_factory=list)  # task ids with unsubmitted drafts: submit them in Label Studio

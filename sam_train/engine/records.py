@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+from sam_train.data.convert import Skipped
+
 SOURCES = ("model", "human")
 ANN_ID_STRIDE = 1_000_000  # annotation id = image_id * stride + k: unique across a dataset, no state to resume
 ACTIONS = ("add", "replace", "delete")
@@ -86,3 +88,11 @@ class Edit:
             raise ValueError(f"a {self.action} edit must name the annotation id it changes")
         if self.action in ("add", "replace") and (self.rle is None) == (self.prompt is None):
             raise ValueError(f"an {self.action} edit carries exactly one of a mask (rle) or a prompt")
+
+
+@dataclass
+class Ingested:
+    """The edits a correction file or tool export makes, and what it could not say, as (item, reason)."""
+
+    edits: list[Edit] = field(default_factory=list)
+    skipped: Skipped = field(default_factory=list)
