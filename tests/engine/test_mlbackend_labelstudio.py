@@ -80,7 +80,8 @@ def test_label_studio_clicks_are_answered_by_our_backend_and_annotations_reach_t
             expected = oracle.segment("scene", load, prompt)  # the refining click reuses the first's logits too
             assert np.array_equal(mask, expected.mask), f"{[r['type'] for r in context]}: not the model's mask"
             assert mask.any()
-        assert mask[20:70, 20:90].sum() == mask.sum(), "a box prompt's mask stays in the box"
+        inside = mask[20:70, 20:90].sum() / mask.sum()  # SAM is free to spill a few edge pixels past a box
+        assert inside > 0.98, f"a box prompt's mask lies in the box: {inside:.1%} of it does"
 
         # The person keeps the mask and submits: Label Studio's webhook hands it to our journal.
         kept = {**region, "id": "sam1"}
