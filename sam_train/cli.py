@@ -312,7 +312,7 @@ def _add_engine_commands(commands: argparse._SubParsersAction) -> None:
     ).add_subparsers(dest="action", required=True)
     init = engine.add_parser(
         "init", help="make a work folder: image pool, start model, configs/engine.yaml resolved",
-        description="e.g. `sam-train engine init work --images photos/ data.eval=[held_out_shards]`",
+        description="e.g. `sam-train engine init work --images photos/ annotator.kind=people data.eval=[held_out_shards]`",
     )
     init.add_argument("workdir", type=Path)
     init.add_argument("--images", nargs="+", required=True,

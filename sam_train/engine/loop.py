@@ -117,7 +117,8 @@ def check_choices(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
     if cfg.annotator.kind == "simulated" and not cfg.data.truth:
-        raise ValueError("annotator.kind=simulated needs data.truth: the shards holding the pool's ground truth")
+        raise ValueError("annotator.kind=simulated (the default) needs data.truth, the shards holding the pool's"
+                         " ground truth; with real people set annotator.kind=people")
 
 
 def _copy_pool(sources: list[str | os.PathLike], pool: Path) -> list[str]:

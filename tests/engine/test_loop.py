@@ -121,7 +121,7 @@ def test_init_refuses_a_used_folder_and_keys_that_clash(domain, tmp_path):
 @pytest.mark.parametrize(("setting", "message"), [
     ("annotator.kind=person", r"annotator.kind='person' is not one of simulated, people"),
     ("backend=label-studio", r"backend='label-studio' is not one of local, labelstudio"),
-    ("data.truth=[]", r"annotator.kind=simulated needs data.truth"),
+    ("data.truth=[]", r"annotator.kind=simulated \(the default\) needs data.truth"),
 ])
 def test_init_refuses_a_misspelt_choice(domain, tmp_path, setting, message):
     with pytest.raises(ValueError, match=message):
