@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_train.atomic_io import atomic_write_bytes
 from sam_train.callbacks import CheckpointOnSignal, TrainClock, ValidationOverlays
 from sam_train.model import FinetuneConfig, Sam, build_sam, export_official, merge_lora, prepare_finetune
+from sam_train.model.init import position_matching_attention
 from sam_train.module import SamModule
 from sam_train.report import draw_curves, draw_sessions, final_metrics, read_log, write_report
 
@@ -81,9 +82,12 @@ def _wandb_login_saved() -> bool:
 
 
 def build_model(cfg: DictConfig) -> Sam:
-    """The network as configs/model/ says: weights, stochastic depth, activation checkpointing, fine-tuning switches."""
+    """The network as configs/model/ says: weights (or from-scratch init), stochastic depth, activation
+    checkpointing, fine-tuning switches."""
     model = build_sam(cfg.name, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
                       backbone_args={"drop_path_rate": cfg.drop_path})
+    if cfg.qk_match_init > 0 and cfg.checkpoint is None and not cfg.pretrained:  # loaded weights need no start
+        position_matching_attention(model, cfg.qk_match_init)
     model.image_encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     return prepare_finetune(model, FinetuneConfig(**cfg.finetune))  # after loading: LoRA starts from the official weights
 
