@@ -24,10 +24,13 @@ def position_matching_attention(model: Sam, scale: float) -> int:
     """
     if scale <= 0:
         raise ValueError(f"position_matching_attention needs a positive scale, got {scale}")
-    changed = 0
-    for module in model.mask_decoder.transformer.modules():
-        if isinstance(module, Attention):
-            module.q_proj.weight.mul_(scale**0.5)
-            module.k_proj.weight.copy_(module.q_proj.weight)
-            changed += 1
-    return changed
+    attentions = decoder_attentions(model)
+    for attention in attentions:
+        attention.q_proj.weight.mul_(scale**0.5)
+        attention.k_proj.weight.copy_(attention.q_proj.weight)
+    return len(attentions)
+
+
+def decoder_attentions(model: Sam) -> list[Attention]:
+    """The mask decoder's attention layers: each block's self, token->image and image->token, and the final one."""
+    return [module for module in model.mask_decoder.transformer.modules() if isinstance(module, Attention)]

@@ -7,7 +7,7 @@ import torch
 
 from sam_train.config import load_config
 from sam_train.model import Sam, build_sam
-from sam_train.model.init import position_matching_attention
+from sam_train.model.init import decoder_attentions, position_matching_attention
 from sam_train.model.transformer import Attention
 from sam_train.train import build_model
 
@@ -28,10 +28,6 @@ def cells_found(model: Sam, attention: Attention) -> float:
         query = attention.q_proj(encoder.pe_layer.forward_with_coords(centre, (model.image_size,) * 2)[0])
         found += int((query @ keys.T).argmax()) == cell
     return found / len(probed)
-
-
-def decoder_attentions(model: Sam) -> list[Attention]:
-    return [m for m in model.mask_decoder.transformer.modules() if isinstance(m, Attention)]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
