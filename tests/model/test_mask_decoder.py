@@ -92,3 +92,22 @@ def test_low_rank_attention_equals_plain_attention(tiny_pair):
         attention.attend_to_tokens_heads(attention.project_image_queries(image[0]), tokens, tokens, residual),
         residual + attention(shared, tokens, tokens), atol=TOL, rtol=0,
     )
+
+
+def test_bf16_attention_on_cpu_matches_the_fused_kernel_in_value_and_gradient():
+    """The matmul-softmax path that bf16 on a CPU takes gives what PyTorch's fused kernel gives in fp32."""
+    from sam_train.model.transformer import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 8, n, 8, generator=g, requires_grad=True) for n in (7, 256, 256))
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    (q_grad, k_grad, v_grad) = torch.autograd.grad(fused.square().sum(), (q, k, v))
+    half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    ours = attention(*half)
+    assert ours.dtype == torch.bfloat16
+    grads = torch.autograd.grad(ours.float().square().sum(), half)
+    torch.testing.assert_close(ours.float(), fused, atol=0.03, rtol=0.02)
+    for got, want in zip(grads, (q_grad, k_grad, v_grad)):
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+    # fp32 keeps the fused kernel exactly.
+    torch.testing.assert_close(attention(q, k, v), fused, atol=0, rtol=0)
