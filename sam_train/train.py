@@ -27,6 +27,7 @@ from sam_train.model import FinetuneConfig, Sam, build_sam, export_official, mer
 from sam_train.model.init import position_matching_attention
 from sam_train.module import SamModule
 from sam_train.report import draw_curves, draw_sessions, final_metrics, read_log, write_report
+from sam_train.strategies import trainer_arguments
 
 
 RUN_ID_ENV = "SAM_TRAIN_RUN_ID"
@@ -149,14 +150,6 @@ def whole_module(trainer: L.Trainer, module: SamModule, cfg: DictConfig) -> SamM
     if trainer.is_global_zero:
         whole.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return whole.to(module.device)
-
-
-def trainer_arguments(trainer: DictConfig) -> dict:
-    """The trainer group as Trainer keyword arguments; a `strategy` with `_target_` (FSDP's options) is built."""
-    arguments = OmegaConf.to_container(trainer, resolve=True)
-    if isinstance(arguments.get("strategy"), dict):
-        arguments["strategy"] = instantiate(arguments["strategy"])
-    return arguments
 
 
 def report_run(run_dir: Path, cfg: DictConfig, module: SamModule, datamodule, logged: dict, steps: int) -> str:

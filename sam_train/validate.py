@@ -15,11 +15,12 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sam_train.atomic_io import atomic_write_bytes
 from sam_train.model import build_sam
 from sam_train.module import SamModule
+from sam_train.strategies import trainer_arguments
 
 
 def validate(cfg: DictConfig) -> dict:
@@ -35,7 +36,7 @@ def validate(cfg: DictConfig) -> dict:
                              bad_samples_log=str(out / "bad_samples.jsonl"))
     module = SamModule.from_config(model, cfg)
     # Every batch: trainer.limit_val_batches only bounds the validation inside `fit`.
-    trainer_args = {**OmegaConf.to_container(cfg.trainer, resolve=True), "limit_val_batches": 1.0}
+    trainer_args = {**trainer_arguments(cfg.trainer), "limit_val_batches": 1.0}
     trainer = L.Trainer(**trainer_args, default_root_dir=out, logger=False, enable_checkpointing=False)
     (logged,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     if "val/masks" not in logged:

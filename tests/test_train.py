@@ -12,6 +12,7 @@ from PIL import Image
 from sam_train.config import load_config
 from sam_train.model import build_sam
 from sam_train.report import read_log
+from sam_train.strategies import trainer_arguments
 from sam_train.train import fit
 
 
@@ -74,3 +75,13 @@ def test_wandb_logs_offline_without_an_api_key(tmp_path, synth_24, monkeypatch):
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and offline[0].name.endswith("-test"), offline
     assert list(offline[0].glob("*.wandb")), "the offline run holds the logged history"
+
+
+@pytest.mark.parametrize("bf16_units,want", [(True, "bf16-mixed"), (False, "32-true")])
+def test_precision_auto_picks_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, bf16_units, want):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_units)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    trainer = load_config("fit", ["trainer=cpu"]).trainer
+    assert trainer.precision == "auto"
+    assert trainer_arguments(trainer)["precision"] == want
+    assert trainer_arguments(load_config("fit", ["trainer.precision=32-true"]).trainer)["precision"] == "32-true"
