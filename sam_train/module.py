@@ -149,7 +149,7 @@ class SamModule(L.LightningModule):
         stride = size // targets.shape[-1]
         with torch.no_grad(), record_function("prompts"):
             is_point = torch.rand(n, device=device, generator=generator) < cfg.point_prob
-            first = first_point(targets, stride, generator)
+            first = first_point(targets, stride, cfg.centre_click_prob, generator)
             boxes = noisy_boxes(targets, stride, cfg, size, generator)
         clicks = torch.zeros(n, 0, 2, device=device)
         click_labels = torch.zeros(n, 0, dtype=torch.long, device=device)
@@ -161,7 +161,9 @@ class SamModule(L.LightningModule):
             if kind == "click":
                 with torch.no_grad(), record_function("prompts"):
                     predicted = self._at(mask_prompt, targets.shape[-2:]) > 0
-                    point, label = corrective_clicks(predicted[:, 0], targets, stride, cfg.gt_click_prob, generator)
+                    point, label = corrective_clicks(
+                        predicted[:, 0], targets, stride, cfg.gt_click_prob, cfg.centre_click_prob, generator
+                    )
                 clicks = torch.cat([clicks, point[:, None]], dim=1)
                 click_labels = torch.cat([click_labels, label[:, None]], dim=1)
             coords, labels = prompt_tokens(is_point, first, boxes, clicks, click_labels)

@@ -9,7 +9,8 @@ from scipy import ndimage
 
 from sam_train.data.pipeline import SampleConfig, collate, decode_sample, expand_batch, sample_rng
 from sam_train.data.shards import iter_raw_samples, resolve_shards
-from sam_train.evaluation import batch_metrics, evaluate_clicks, next_click
+from sam_train.evaluation import batch_metrics, evaluate_clicks
+from sam_train.prompts.protocol import next_click
 from sam_train.model import Sam, build_sam
 from sam_train.visualize import draw_session
 

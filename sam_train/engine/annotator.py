@@ -3,7 +3,7 @@
 It is the only part of the engine that sees ground truth, and it sees it as a person sees the
 image: it compares masks with what it wants, never hands ground truth to the loop. Its tool is our
 own model, used the way SAM's annotators used theirs: each click goes to the centre of the largest
-error region (the evaluation protocol, `sam_train.evaluation.next_click`), the previous answer's
+error region (the evaluation protocol, `sam_train.prompts.protocol.next_click`), the previous answer's
 logits are fed back, and after one click the person picks the best of the 3 answers.
 
 Per image it
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from sam_train.engine.records import Prompt
-from sam_train.evaluation import next_click
+from sam_train.prompts.protocol import next_click
 from sam_train.geometry import scale_coords
 from sam_train.predictor import SamPredictor
 

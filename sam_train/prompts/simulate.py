@@ -6,6 +6,9 @@ prediction (a missed pixel gives a positive click, a spurious one a negative cli
 previous low-res logits fed back as the mask prompt, plus rounds that add no click and only feed
 the logits back. All functions work on whole batches of masks at once, on any device.
 
+Off the paper's recipe, `centre_click_prob` puts a share of the points where the evaluation
+protocol (and a person) clicks: the centre of the largest error region (`protocol.next_click`).
+
 Coordinates are (x, y) in model-input pixels; masks are on the loss grid, whose cells are
 `stride` input pixels wide.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from sam_train.prompts.protocol import next_click
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,7 @@ class PromptConfig:
     corrective_rounds: int  # rounds that add one corrective click each
     empty_rounds: int  # rounds that add no click: one at a random place among the corrections, the rest at the end
     gt_click_prob: float  # sam2: a corrective click drawn from the ground truth instead of the error region
+    centre_click_prob: float  # a point or click at the centre of the largest error region instead of uniform
     multimask_single_point: bool  # predict 3 masks where the prompt is a single point (ambiguous)
     checkpoint_rounds: bool  # recompute each round's decoder in the backward pass instead of storing it
 
@@ -61,10 +67,15 @@ def cell_to_pixel(cells: torch.Tensor, stride: int, generator: torch.Generator |
     return cells.float() * stride + offset
 
 
-def first_point(masks: torch.Tensor, stride: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A positive point uniformly inside each mask: N x 2 input pixels."""
+def first_point(
+    masks: torch.Tensor, stride: int, centre_prob: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A positive point inside each mask, N x 2 input pixels: uniform, or with `centre_prob` at the
+    centre of the mask's largest connected piece (the evaluation's first click)."""
     cells, _ = sample_pixels(masks, generator)
-    return cell_to_pixel(cells, stride, generator)
+    points = cell_to_pixel(cells, stride, generator)
+    positive = torch.ones(len(masks), dtype=torch.long, device=masks.device)
+    return _centre_some(points, positive, torch.zeros_like(masks), masks, stride, centre_prob, generator)[0]
 
 
 def mask_boxes(masks: torch.Tensor, stride: int) -> torch.Tensor:
@@ -98,13 +109,15 @@ def corrective_clicks(
     targets: torch.Tensor,
     stride: int,
     gt_click_prob: float = 0.0,
+    centre_prob: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One click per mask from its error region: (N x 2 input pixels, N labels).
 
     A missed pixel (false negative) gives a positive click (label 1), a spurious one (false
     positive) a negative click (label 0). With `gt_click_prob` (sam2) a click is instead drawn
-    from the target as a positive one. A perfect prediction gets a positive click inside the
+    from the target as a positive one. With `centre_prob` an error click goes to the centre of
+    the largest error region instead. A perfect prediction gets a positive click inside the
     target, which changes nothing the model should undo.
     """
     errors = predicted ^ targets
@@ -113,4 +126,29 @@ def corrective_clicks(
     region = torch.where(use_gt[:, None, None], targets, errors)
     cells, _ = sample_pixels(region, generator)
     inside_target = targets[torch.arange(len(targets), device=targets.device), cells[:, 1], cells[:, 0]]
-    return cell_to_pixel(cells, stride, generator), inside_target.long()
+    points, labels = cell_to_pixel(cells, stride, generator), inside_target.long()
+    return _centre_some(points, labels, predicted, targets, stride, centre_prob, generator, keep=use_gt)
+
+
+def _centre_some(
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    predicted: torch.Tensor,
+    targets: torch.Tensor,
+    stride: int,
+    centre_prob: float,
+    generator: torch.Generator | None,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each (point, label) by the protocol's click with probability `centre_prob` (never where `keep`)."""
+    if centre_prob <= 0.0:
+        return points, labels
+    centred = torch.rand(len(points), generator=generator, device=points.device) < centre_prob
+    if keep is not None:
+        centred &= ~keep
+    if not centred.any():
+        return points, labels
+    protocol_points, protocol_labels = next_click(predicted[centred], targets[centred], stride)
+    points, labels = points.clone(), labels.clone()
+    points[centred], labels[centred] = protocol_points, protocol_labels
+    return points, labels

@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from sam_train.config import config_dir
 from sam_train.prompts import PromptConfig, corrective_clicks, first_point, mask_boxes, noisy_boxes, round_schedule
+from sam_train.prompts.protocol import next_click
 
 
 def prompt_config(name: str) -> PromptConfig:
@@ -46,7 +47,7 @@ def test_points_are_spread_uniformly_over_the_mask():
     mask = torch.zeros(1, 8, 8, dtype=torch.bool)
     mask[0, 2:4, 2:6] = True  # 8 cells
     g = torch.Generator().manual_seed(0)
-    cells = torch.cat([(first_point(mask, 1, g) // 1).long() for _ in range(4000)])
+    cells = torch.cat([(first_point(mask, 1, generator=g) // 1).long() for _ in range(4000)])
     counts = torch.bincount(cells[:, 1] * 8 + cells[:, 0], minlength=64).float()
     inside = counts[mask.flatten()]
     assert counts.sum() == inside.sum() and (inside / 4000 - 1 / 8).abs().max() < 0.03
@@ -82,4 +83,26 @@ def test_a_perfect_prediction_and_sam2_gt_clicks_give_positive_clicks_inside_the
     assert labels.all()
     predicted = torch.zeros_like(targets)
     _, labels = corrective_clicks(predicted, targets, 4, gt_click_prob=1.0, generator=torch.Generator().manual_seed(0))
+    assert labels.all()
+
+
+def test_centre_clicks_land_where_the_evaluation_protocol_clicks():
+    targets = ring_masks(16)
+    predicted = torch.zeros_like(targets)
+    predicted[:, :, :16] = True
+    protocol_first, _ = next_click(torch.zeros_like(targets), targets, 4)
+    protocol_points, protocol_labels = next_click(predicted, targets, 4)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(first_point(targets, 4, centre_prob=1.0, generator=g), protocol_first)
+    points, labels = corrective_clicks(predicted, targets, 4, centre_prob=1.0, generator=g)
+    assert torch.equal(points, protocol_points) and torch.equal(labels, protocol_labels)
+    # Half the clicks: some at the protocol's cell centres, the others uniform in the error region.
+    many = ring_masks(400)
+    predicted_many = torch.zeros_like(many)
+    predicted_many[:, :, :16] = True
+    points, _ = corrective_clicks(predicted_many, many, 4, centre_prob=0.5, generator=g)
+    centred = (points == next_click(predicted_many, many, 4)[0]).all(1).float().mean()
+    assert 0.4 < centred < 0.6
+    # sam2's ground-truth clicks stay what they are.
+    _, labels = corrective_clicks(predicted, targets, 4, gt_click_prob=1.0, centre_prob=1.0, generator=g)
     assert labels.all()
