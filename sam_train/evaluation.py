@@ -21,6 +21,7 @@ from sam_train.model import Sam
 from sam_train.prompts.protocol import next_click
 from sam_train.prompts.simulate import mask_boxes
 
+
 @dataclass(frozen=True)
 class ClickEvaluation:
     """Per-mask results of one batch: `batch_metrics` averages them, `visualize.draw_session` draws them."""

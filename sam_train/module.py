@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint

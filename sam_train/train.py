@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from sam_train.atomic_io import atomic_write_bytes
@@ -28,7 +28,6 @@ from sam_train.model.init import position_matching_attention
 from sam_train.module import SamModule
 from sam_train.report import draw_curves, draw_sessions, final_metrics, read_log, write_report
 from sam_train.strategies import trainer_arguments
-
 
 RUN_ID_ENV = "SAM_TRAIN_RUN_ID"
 

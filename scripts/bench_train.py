@@ -1,6 +1,6 @@
 """Cost of one SAM training step: where the time goes, batched decoder rounds vs a per-mask loop, images/s and MFU.
 
-Three measurements on one batch, in one process:
+Measurements on one batch, in one process (`--parts` picks them):
   phases  one full training step (SamModule.training_step, backward, gradient clipping, AdamW)
           under torch.profiler, split by the module's named scopes: encoder (normalise + image
           encoder), prompts (simulated first prompts and corrective clicks), decoder (prompt
@@ -11,6 +11,9 @@ Three measurements on one batch, in one process:
           mask at a time (same masks, same loss normaliser: the same total work)
   speed   images/s of full steps, and model-FLOPs utilisation: FLOPs of one step (forward +
           backward, torch.utils.flop_counter) / step time / the device's peak dense FLOP/s
+  precision  full steps in fp32, in bf16 autocast with PyTorch's fused attention kernel everywhere,
+          and in bf16 as training runs it (the decoder's attention as matmul-softmax-matmul on a
+          CPU: `sam_train.model.transformer.attention`), timed round-robin in one process
   cached  decoder-only training (image encoder frozen): full steps with the encoder running
           against steps reading the batch's embeddings as an embedding cache gives them
           (`sam-train embed`: stored in bf16, read back to float32), timed round-robin in one
@@ -32,6 +35,7 @@ pass, and vit_b in bf16 runs out of an H100's 80 GB at 4 images x 64 masks
 is launch-bound on a GPU (11 rounds x N masks of small kernels): leave `rounds` out there.
 
     python scripts/bench_train.py --repeats 5
+    python scripts/bench_train.py --images 8 --masks 8 --parts precision experiment=quickstart
     python scripts/bench_train.py --device cuda --precision bf16 --model vit_b --images 4 --masks 16 --synthetic-batch \
         --parts phases,speed --warmup 2
     python scripts/bench_train.py --model vit_b --images 1 --masks 8 --parts cached --repeats 3
@@ -59,7 +63,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from sam_train.config import load_config
 from sam_train.data.embeddings import PLAIN, pack_embeddings, unpack_embedding
 from sam_train.losses import LossWeights
-from sam_train.model import FinetuneConfig, build_sam, prepare_finetune
+from sam_train.model import FinetuneConfig, build_sam, prepare_finetune, transformer
 from sam_train.module import SamModule
 from sam_train.prompts import PromptConfig
 
@@ -117,6 +121,11 @@ def random_batch(images: int, masks_per_image: int, image_size: int, mask_stride
         "masks": masks,  # N x m x m bool
         "image_index": torch.arange(images).repeat_interleave(masks_per_image),
     }
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused kernel in every dtype: the baseline of the CPU's bf16 attention path."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
 def sync(device: torch.device) -> None:
@@ -185,8 +194,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--parts", default="phases,rounds,speed,cached",
-                        help="comma-separated subset of phases,rounds,speed,cached")
+    parser.add_argument("--parts", default="phases,rounds,speed,precision,cached",
+                        help="comma-separated subset of phases,rounds,speed,precision,cached")
     parser.add_argument("--synthetic-batch", action="store_true", help="random tensors instead of decoded synthetic shards")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense TFLOP/s for MFU")
     parser.add_argument("--seed", type=int, default=0)
@@ -214,11 +223,12 @@ def main() -> None:
         source = "synthetic shards -> decode_sample -> expand_batch"
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     images, n = len(batch["images"]), len(batch["masks"])
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")  # noqa: E731
+    def autocast(bf16: bool = args.precision == "bf16") -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def train_step(step_batch: dict = batch) -> None:
+    def train_step(step_batch: dict = batch, bf16: bool = args.precision == "bf16") -> None:
         """What Lightning runs per step: the module's step under autocast, backward, norm clipping, AdamW, lr schedule."""
-        with autocast():
+        with autocast(bf16):
             loss = module.training_step(step_batch, 0)
         with record_function("backward"):
             loss.backward()
@@ -302,6 +312,25 @@ def main() -> None:
         else:
             print(f"{'MFU':30}{'n/a':>10}  (no known peak for this device: pass --peak-tflops)")
 
+    if "precision" in parts:
+        ours = transformer.attention
+
+        def with_fused_attention() -> None:
+            transformer.attention = fused_attention
+            try:
+                train_step(bf16=True)
+            finally:
+                transformer.attention = ours
+
+        times = wall_times({"fp32": lambda: train_step(bf16=False), "bf16_fused": with_fused_attention,
+                            "bf16": lambda: train_step(bf16=True)}, device, args.repeats, args.warmup)
+        fp32 = statistics.median(times["fp32"])
+        print(f"\nfull training steps by precision (wall time, {rounds} rounds x {n} masks)")
+        print(f"{'':34}{'ms':>10}{'vs fp32':>10}")
+        for name, label in [("fp32", "fp32"), ("bf16_fused", "bf16 autocast, fused attention"),
+                            ("bf16", "bf16 autocast (as trained)")]:
+            step = statistics.median(times[name])
+            print(f"{label:34}{1000 * step:10.1f}{fp32 / step:9.2f}x")
 
     if "cached" in parts:
         prepare_finetune(module.model, FinetuneConfig(**{**hp["finetune"], "freeze_image_encoder": True}))
