@@ -123,11 +123,6 @@ def random_batch(images: int, masks_per_image: int, image_size: int, mask_stride
     }
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """PyTorch's fused kernel in every dtype: the baseline of the CPU's bf16 attention path."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -223,10 +218,12 @@ def main() -> None:
         source = "synthetic shards -> decode_sample -> expand_batch"
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     images, n = len(batch["images"]), len(batch["masks"])
-    def autocast(bf16: bool = args.precision == "bf16") -> torch.autocast:
+    bf16_default = args.precision == "bf16"
+
+    def autocast(bf16: bool = bf16_default) -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def train_step(step_batch: dict = batch, bf16: bool = args.precision == "bf16") -> None:
+    def train_step(step_batch: dict = batch, bf16: bool = bf16_default) -> None:
         """What Lightning runs per step: the module's step under autocast, backward, norm clipping, AdamW, lr schedule."""
         with autocast(bf16):
             loss = module.training_step(step_batch, 0)
@@ -315,8 +312,8 @@ def main() -> None:
     if "precision" in parts:
         ours = transformer.attention
 
-        def with_fused_attention() -> None:
-            transformer.attention = fused_attention
+        def with_fused_attention() -> None:  # PyTorch's fused kernel in every dtype: the baseline
+            transformer.attention = torch.nn.functional.scaled_dot_product_attention
             try:
                 train_step(bf16=True)
             finally:
