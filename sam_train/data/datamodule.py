@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,11 @@ from sam_train.data.shards import RawSample, resolve_shards
 from sam_train.data.synth import synth_dataset
 
 log = logging.getLogger(__name__)
+
+# Lightning warns whenever an IterableDataset has a length, since naive ones repeat data in every
+# worker. ShardStream gives each rank and worker its own spans and its length is computed for the
+# loader's worker count (batches_per_epoch), so the warning is wrong here and only hides real ones.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 def decode_for_stream(
