@@ -408,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="CKPT: an official-layout .pth/.safetensors, or `builtin` for the package's pretrained weights."
         " IMAGES: image files or folders of them (any depth). OUT: the shard folder; rerunning the same command"
         " resumes it. Overrides, e.g. `amg.points_per_side=16 amg.crop_n_layers=1 round=2`. The built-in tiny"
-        " predicts IoUs of ~0.35-0.6: pass e.g. `amg.pred_iou_thresh=0.3 amg.stability_score_thresh=0.5` with it."
+        " predicts IoUs of ~0.4-0.7: pass e.g. `amg.pred_iou_thresh=0.35 amg.stability_score_thresh=0.7` with it,"
+        " as configs/engine_demo.yaml does."
         " Several processes (e.g. `srun`, slurm/autolabel.sbatch) share the shards, rank r writing every W-th from"
         " the r-th, and write no manifest: run the same command once more with --finalize when all are done.",
     )
