@@ -80,12 +80,16 @@ class SA1BDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         synthesize: dict | None = None,
         embedding_cache: str | None = None,
+        val_max_masks: int | None = None,
     ) -> None:
         super().__init__()
         self.train_sources, self.val_sources = list(train), list(val)
         self.sample_cfg = SampleConfig(image_size=image_size, **_as_tuples(dict(sample or {})))
-        # Validation sees images as inference does: no jitter, no flip.
-        self.val_cfg = dataclasses.replace(self.sample_cfg, jitter_scale=None, hflip_prob=0.0)
+        # Validation sees images as inference does: no jitter, no flip. Its own mask count keeps the
+        # held-out masks fixed when a recipe samples more or fewer masks per training image.
+        self.val_cfg = dataclasses.replace(
+            self.sample_cfg, jitter_scale=None, hflip_prob=0.0, max_masks=val_max_masks or self.sample_cfg.max_masks
+        )
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.interleave, self.resample_to, self.strict = interleave, resample_to, strict
         self.bad_samples_log = Path(bad_samples_log) if bad_samples_log else None

@@ -49,3 +49,29 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_with_no_repeat_and_no_gap(
     rest = KeyRecorder()
     trainer(tmp_path / "b", max_epochs=1, enable_checkpointing=False).fit(rest, datamodule=datamodule(synth_24), ckpt_path=mid)
     assert rest.seen == full.seen[5:]
+
+
+def held_out_masks(dm: SA1BDataModule) -> dict[str, list[bytes]]:
+    """Each validation image's masks, as the bytes of their run lengths."""
+    masks: dict[str, list[bytes]] = {}
+    for batch in dm.val_dataloader():
+        offsets = batch["mask_offsets"].tolist()
+        for m, image in enumerate(batch["mask_image"].tolist()):
+            runs = batch["mask_runs"][offsets[m] : offsets[m + 1]]
+            masks.setdefault(batch["keys"][image], []).append(runs.numpy().tobytes())
+    return masks
+
+
+def test_validation_keeps_its_own_masks_when_training_samples_fewer_per_image(synth_24):
+    def dm(train_masks: int, val_masks: int | None) -> SA1BDataModule:
+        return SA1BDataModule(
+            [str(synth_24)], image_size=64, val=[str(synth_24)], sample={"mask_stride": 4, "max_masks": train_masks},
+            batch_size=4, num_workers=0, pin_memory=False, val_max_masks=val_masks,
+        )
+
+    fixed = held_out_masks(dm(train_masks=1, val_masks=3))
+    assert fixed == held_out_masks(dm(train_masks=3, val_masks=None))  # the very masks a 3-mask recipe holds out
+    assert max(len(m) for m in fixed.values()) == 3 and len(fixed) == 24
+    assert max(len(m) for m in held_out_masks(dm(train_masks=1, val_masks=None)).values()) == 1
+    train_batch = next(iter(dm(train_masks=1, val_masks=3).train_dataloader()))
+    assert len(train_batch["mask_image"]) == len(train_batch["keys"])  # training still samples 1 a image
