@@ -25,7 +25,14 @@ from sam_train.losses import LossWeights, sam_loss
 from sam_train.model import Sam
 from sam_train.model.prompt_encoder import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PAD_LABEL, POSITIVE_LABEL
 from sam_train.optim import decay_layout, lr_multiplier, parameter_groups
-from sam_train.prompts.simulate import PromptConfig, corrective_clicks, first_point, noisy_boxes, round_schedule
+from sam_train.prompts import (
+    PromptConfig,
+    corrective_clicks,
+    first_point,
+    loss_round_flags,
+    noisy_boxes,
+    round_schedule,
+)
 
 
 def prompt_tokens(
@@ -157,7 +164,9 @@ class SamModule(L.LightningModule):
         mask_prompt = None
         totals: dict[str, torch.Tensor] = {}
         kinds = ["first"] + round_schedule(cfg, generator)
-        for kind in kinds:
+        graded = loss_round_flags(cfg, generator)
+        training = torch.is_grad_enabled()
+        for kind, with_loss in zip(kinds, graded):
             if kind == "click":
                 with torch.no_grad(), record_function("prompts"):
                     predicted = self._at(mask_prompt, targets.shape[-2:]) > 0
@@ -170,12 +179,14 @@ class SamModule(L.LightningModule):
             # Multiple outputs only where the prompt is one point (ambiguous); else the single output.
             multimask = is_point & (clicks.shape[1] == 0) & cfg.multimask_single_point
             args = (embeddings, image_pe, image_index, coords, labels, mask_prompt, targets, multimask, num_masks)
-            if cfg.checkpoint_rounds and torch.is_grad_enabled():
-                parts, logits, iou = checkpoint(self._round, *args, use_reentrant=False)
-            else:
-                parts, logits, iou = self._round(*args)
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value / len(kinds)
+            with torch.set_grad_enabled(training and with_loss):
+                if cfg.checkpoint_rounds and torch.is_grad_enabled():
+                    parts, logits, iou = checkpoint(self._round, *args, use_reentrant=False)
+                else:
+                    parts, logits, iou = self._round(*args)
+            if with_loss:
+                for key, value in parts.items():
+                    totals[key] = totals.get(key, 0.0) + value / sum(graded)
             # Feed back the highest-predicted-IoU output's logits, detached: each round is its own prediction.
             best = torch.where(multimask, iou[:, 1:].argmax(1) + 1, torch.zeros_like(iou[:, 0], dtype=torch.long))
             mask_prompt = logits[torch.arange(n, device=device), best][:, None].detach()

@@ -72,6 +72,29 @@ def test_one_step_reaches_every_trainable_part(synth_24):
         assert grads and any(g.abs().sum() > 0 for g in grads), part
 
 
+class RoundRecorder(SamModule):
+    """Observes each round: whether it ran with a gradient, and its loss."""
+
+    def _round(self, *args):
+        parts, logits, iou = super()._round(*args)
+        self.seen.append((torch.is_grad_enabled(), parts["total"].detach()))
+        return parts, logits, iou
+
+
+def test_rounds_without_the_loss_run_without_a_gradient_and_every_part_still_learns(synth_24):
+    m = module()
+    m.__class__, m.seen = RoundRecorder, []
+    m.prompts = dataclasses.replace(m.prompts, loss_rounds=3)
+    losses = session_losses(m, synth_batch(synth_24), torch.Generator().manual_seed(5))
+    graded = [grad for grad, _ in m.seen]
+    assert len(graded) == 11 and graded[0] and sum(graded) == 3
+    expected = torch.stack([total for grad, total in m.seen if grad]).mean()
+    torch.testing.assert_close(losses["total"].detach(), expected)  # the mean over the graded rounds alone
+    losses["total"].backward()
+    trainable = [(n, p) for n, p in m.model.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None for _, p in trainable), [n for n, p in trainable if p.grad is None]
+
+
 def box_miou(m: SamModule, batch: dict) -> float:
     with torch.no_grad():
         embeddings = m.model.encode_image(m.normalize(batch["images"], batch["content_sizes"]))

@@ -35,6 +35,12 @@ class PromptConfig:
     centre_click_prob: float  # a point or click at the centre of the largest error region instead of uniform
     multimask_single_point: bool  # predict 3 masks where the prompt is a single point (ambiguous)
     checkpoint_rounds: bool  # recompute each round's decoder in the backward pass instead of storing it
+    loss_rounds: int  # rounds that carry the loss: 0 all; else the first and this many - 1 drawn among the rest
+
+    def __post_init__(self) -> None:
+        # One graded round would leave the mask-prompt encoder, used only from round 2 on, without a gradient.
+        if self.loss_rounds and not 2 <= self.loss_rounds <= self.rounds:
+            raise ValueError(f"prompts.loss_rounds must be 0 (all) or 2..{self.rounds}, got {self.loss_rounds}")
 
     @property
     def rounds(self) -> int:
@@ -50,6 +56,18 @@ def round_schedule(cfg: PromptConfig, generator: torch.Generator | None = None) 
         kinds.insert(position, "empty")
         kinds += ["empty"] * (cfg.empty_rounds - 1)
     return kinds
+
+
+def loss_round_flags(cfg: PromptConfig, generator: torch.Generator | None = None) -> list[bool]:
+    """Which of the session's rounds carry the loss: all, or (`loss_rounds` k) the first and k - 1 of the
+    later ones drawn uniformly. The others run without a gradient, only to bring the later rounds their
+    clicks and mask prompts: the session still reaches its last click at a fraction of the backward."""
+    if not cfg.loss_rounds:
+        return [True] * cfg.rounds
+    device = generator.device if generator is not None else None
+    later = torch.randperm(cfg.rounds - 1, generator=generator, device=device)[: cfg.loss_rounds - 1] + 1
+    chosen = set(later.tolist())
+    return [i == 0 or i in chosen for i in range(cfg.rounds)]
 
 
 def sample_pixels(masks: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

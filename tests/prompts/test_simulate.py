@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from sam_train.config import config_dir
-from sam_train.prompts import PromptConfig, corrective_clicks, first_point, mask_boxes, noisy_boxes, round_schedule
+from sam_train.prompts import (
+    PromptConfig,
+    corrective_clicks,
+    first_point,
+    loss_round_flags,
+    mask_boxes,
+    noisy_boxes,
+    round_schedule,
+)
 from sam_train.prompts.protocol import next_click
 
 
@@ -34,6 +45,19 @@ def test_configs_give_the_papers_schedules():
     positions = {round_schedule(sam, torch.Generator().manual_seed(s)).index("empty") for s in range(40)}
     assert len(positions) > 3, "the first empty round moves around"
     assert round_schedule(sam2) == ["click"] * 7
+
+
+def test_loss_rounds_keep_the_first_and_draw_the_rest_uniformly():
+    sam = prompt_config("sam")
+    assert loss_round_flags(sam) == [True] * 11  # 0: every round, the paper's recipe
+    three = dataclasses.replace(sam, loss_rounds=3)
+    draws = [loss_round_flags(three, torch.Generator().manual_seed(s)) for s in range(300)]
+    assert all(len(d) == 11 and d[0] and sum(d) == 3 for d in draws)
+    picked = torch.tensor(draws, dtype=torch.float)[:, 1:].mean(0)  # each later round: 2 of 10, so 0.2
+    assert picked.min() > 0.12 and picked.max() < 0.28, picked
+    for bad in (1, 12, -1):
+        with pytest.raises(ValueError, match="loss_rounds must be 0"):
+            dataclasses.replace(sam, loss_rounds=bad)
 
 
 def test_first_points_fall_inside_their_masks_even_non_convex_ones():
