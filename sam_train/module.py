@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch.profiler import record_function
@@ -252,10 +253,24 @@ class SamModule(L.LightningModule):
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def max_time_spent(self) -> float:
+        """The fraction of `trainer.max_time` spent training, earlier sessions of a resumed run included
+        (Lightning's Timer restores them from the checkpoint); 0 without a cap or a Trainer. Rank 0's clock,
+        broadcast: ranks whose lrs differed by their clocks' skew would let DDP's replicas drift apart."""
+        trainer = self._trainer
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None) if trainer is not None else None
+        remaining = timer.time_remaining() if timer is not None else None
+        if remaining is None:
+            return 0.0
+        elapsed = timer.time_elapsed()
+        spent = min(1.0, elapsed / max(elapsed + remaining, 1e-9))
+        return trainer.strategy.broadcast(spent) if trainer.world_size > 1 else spent
+
     def configure_optimizers(self):
         o = self.optim
         groups = parameter_groups(self.model, o["lr"], o["weight_decay"], o["layer_decay"], self._decay_layout)
         optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
-        schedule = lr_multiplier(o["schedule"], self.total_steps, o["warmup_steps"], tuple(o["milestones"]), o["gamma"])
+        schedule = lr_multiplier(o["schedule"], self.total_steps, o["warmup_steps"], tuple(o["milestones"]), o["gamma"],
+                                 cooldown=o["time_cooldown"], budget_spent=self.max_time_spent)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -67,19 +67,39 @@ def parameter_groups(
 
 
 def lr_multiplier(
-    schedule: str, total_steps: int, warmup_steps: int, milestones: tuple[float, ...] = (), gamma: float = 0.1
+    schedule: str,
+    total_steps: int,
+    warmup_steps: int,
+    milestones: tuple[float, ...] = (),
+    gamma: float = 0.1,
+    cooldown: float = 0.0,
+    budget_spent: Callable[[], float] | None = None,
 ) -> Callable[[int], float]:
-    """Step -> lr multiplier: linear warmup, then "step" (x gamma at each milestone fraction) or "cosine" decay."""
+    """Step -> lr multiplier: linear warmup, then "step" (x gamma at each milestone fraction) or "cosine" decay.
+
+    `cooldown` > 0 with `budget_spent` (the fraction of a wall-clock budget used, 0 to 1): over the
+    budget's last `cooldown` fraction the multiplier also falls linearly to 0. A machine slower than
+    the one the step count was sized for is stopped by the budget mid-schedule; it then still ends
+    with the lr annealed, while the steps keep the lr they would have had. Where the steps end first,
+    the schedule is (all but) its step-driven self.
+    """
     if schedule not in ("step", "cosine"):
         raise ValueError(f"lr schedule must be 'step' or 'cosine', got {schedule!r}")
+    if not 0.0 <= cooldown < 1.0:
+        raise ValueError(f"lr cooldown must be a fraction of the time budget in [0, 1), got {cooldown}")
     boundaries = [int(round(m * total_steps)) for m in milestones]
 
-    def multiplier(step: int) -> float:
+    def by_steps(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if schedule == "step":
             return gamma ** sum(step >= b for b in boundaries)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def multiplier(step: int) -> float:
+        if not cooldown or budget_spent is None:
+            return by_steps(step)
+        return by_steps(step) * min(1.0, max(0.0, 1.0 - budget_spent()) / cooldown)
 
     return multiplier

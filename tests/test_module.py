@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Timer
 
 from sam_train.config import config_dir
 from sam_train.data.datamodule import SA1BDataModule
@@ -149,3 +152,19 @@ def test_fits_in_a_real_trainer_with_the_datamodule(synth_24, tmp_path):
     trainer.fit(m, datamodule=dm)
     assert trainer.global_step == 3
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_the_time_cooldown_reads_the_trainers_max_time_clock_as_a_resumed_run_restores_it():
+    cooled = module(total_steps=1000, schedule="cosine", warmup_steps=0, time_cooldown=0.5)
+    plain = module(total_steps=1000, schedule="cosine", warmup_steps=0)
+    trainer = L.Trainer(max_time="00:00:10:00", accelerator="cpu", logger=False, enable_checkpointing=False)
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    timer.load_state_dict({"time_elapsed": {"train": 450.0}})  # what Lightning restores from a run's checkpoint
+    for m in (cooled, plain):
+        m.trainer = trainer
+    assert cooled.max_time_spent() == pytest.approx(0.75)
+    cooled_lr = cooled.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    plain_lr = plain.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    by_steps = 0.5 * (1 + math.cos(0.1 * math.pi))  # step 100 of 1,000
+    assert plain_lr(100) == pytest.approx(by_steps)  # no cooldown: the step alone
+    assert cooled_lr(100) == pytest.approx(0.5 * by_steps)  # half of the last half of the budget left

@@ -47,3 +47,18 @@ def test_cosine_schedule_and_bad_name():
     assert f(100) == pytest.approx(1.0) and f(600) == pytest.approx(0.5) and f(1100) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="'step' or 'cosine'"):
         lr_multiplier("linear", 10, 1)
+
+
+def test_a_time_cooldown_anneals_to_zero_inside_the_budget_and_leaves_the_steps_before_it_alone():
+    spent = [0.0]
+    cooled = lr_multiplier("cosine", total_steps=1100, warmup_steps=100, cooldown=0.2, budget_spent=lambda: spent[0])
+    plain = lr_multiplier("cosine", total_steps=1100, warmup_steps=100)
+    for value in (0.0, 0.5, 0.8):
+        spent[0] = value
+        assert cooled(50) == pytest.approx(plain(50)) and cooled(300) == pytest.approx(plain(300))
+    spent[0] = 0.9  # half-way through the last fifth: half the step-driven lr
+    assert cooled(300) == pytest.approx(0.5 * plain(300)) and cooled(50) == pytest.approx(0.5 * plain(50))
+    spent[0] = 1.0
+    assert cooled(300) == 0.0
+    with pytest.raises(ValueError, match="cooldown"):
+        lr_multiplier("cosine", 10, 1, cooldown=1.0)
