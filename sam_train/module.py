@@ -166,7 +166,7 @@ class SamModule(L.LightningModule):
         totals: dict[str, torch.Tensor] = {}
         kinds = ["first"] + round_schedule(cfg, generator)
         graded = loss_round_flags(cfg, generator)
-        training = torch.is_grad_enabled()
+        graded_count, training = sum(graded), torch.is_grad_enabled()
         for kind, with_loss in zip(kinds, graded):
             if kind == "click":
                 with torch.no_grad(), record_function("prompts"):
@@ -187,7 +187,7 @@ class SamModule(L.LightningModule):
                     parts, logits, iou = self._round(*args)
             if with_loss:
                 for key, value in parts.items():
-                    totals[key] = totals.get(key, 0.0) + value / sum(graded)
+                    totals[key] = totals.get(key, 0.0) + value / graded_count
             # Feed back the highest-predicted-IoU output's logits, detached: each round is its own prediction.
             best = torch.where(multimask, iou[:, 1:].argmax(1) + 1, torch.zeros_like(iou[:, 0], dtype=torch.long))
             mask_prompt = logits[torch.arange(n, device=device), best][:, None].detach()
@@ -263,7 +263,8 @@ class SamModule(L.LightningModule):
         if remaining is None:
             return 0.0
         elapsed = timer.time_elapsed()
-        spent = min(1.0, elapsed / max(elapsed + remaining, 1e-9))
+        duration = elapsed + remaining  # the Timer's max_time, which it keeps private
+        spent = min(1.0, elapsed / max(duration, 1e-9))
         return trainer.strategy.broadcast(spent) if trainer.world_size > 1 else spent
 
     def configure_optimizers(self):

@@ -97,9 +97,10 @@ def lr_multiplier(
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    def multiplier(step: int) -> float:
-        if not cooldown or budget_spent is None:
-            return by_steps(step)
+    if not cooldown or budget_spent is None:
+        return by_steps
+
+    def cooled(step: int) -> float:
         return by_steps(step) * min(1.0, max(0.0, 1.0 - budget_spent()) / cooldown)
 
-    return multiplier
+    return cooled
