@@ -11,9 +11,10 @@ Measurements on one batch, in one process (`--parts` picks them):
           mask at a time (same masks, same loss normaliser: the same total work)
   speed   images/s of full steps, and model-FLOPs utilisation: FLOPs of one step (forward +
           backward, torch.utils.flop_counter) / step time / the device's peak dense FLOP/s
-  precision  full steps in fp32, in bf16 autocast with PyTorch's fused attention kernel everywhere,
-          and in bf16 as training runs it (the decoder's attention as matmul-softmax-matmul on a
-          CPU: `sam_train.model.transformer.attention`), timed round-robin in one process
+  precision  full steps in fp32 and in bf16 autocast, each with PyTorch's fused attention kernel
+          and as training runs it (on a CPU the decoder's attention is matmul-softmax-matmul with
+          the softmax along the longer side: `sam_train.model.transformer.attention`), plus bf16
+          with the softmax always along the keys (the layout before it), timed round-robin in one process
   cached  decoder-only training (image encoder frozen): full steps with the encoder running
           against steps reading the batch's embeddings as an embedding cache gives them
           (`sam-train embed`: stored in bf16, read back to float32), timed round-robin in one
@@ -312,22 +313,34 @@ def main() -> None:
     if "precision" in parts:
         ours = transformer.attention
 
-        def with_fused_attention() -> None:  # PyTorch's fused kernel in every dtype: the baseline
-            transformer.attention = torch.nn.functional.scaled_dot_product_attention
-            try:
-                train_step(bf16=True)
-            finally:
-                transformer.attention = ours
+        def with_attention(kernel: Callable, bf16: bool) -> Callable[[], None]:
+            def step() -> None:
+                transformer.attention = kernel
+                try:
+                    train_step(bf16=bf16)
+                finally:
+                    transformer.attention = ours
+            return step
 
-        times = wall_times({"fp32": lambda: train_step(bf16=False), "bf16_fused": with_fused_attention,
-                            "bf16": lambda: train_step(bf16=True)}, device, args.repeats, args.warmup)
-        fp32 = statistics.median(times["fp32"])
-        print(f"\nfull training steps by precision (wall time, {rounds} rounds x {n} masks)")
-        print(f"{'':34}{'ms':>10}{'vs fp32':>10}")
-        for name, label in [("fp32", "fp32"), ("bf16_fused", "bf16 autocast, fused attention"),
-                            ("bf16", "bf16 autocast (as trained)")]:
+        def softmax_along_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """The CPU path before session 19: scores laid out queries x keys, whatever their lengths."""
+            return (q * q.shape[-1] ** -0.5 @ k.transpose(-1, -2)).softmax(-1) @ v
+
+        fused = torch.nn.functional.scaled_dot_product_attention
+        variants = {  # name: (label, step)
+            "fp32_fused": ("fp32, fused attention", with_attention(fused, False)),
+            "fp32": ("fp32 (as trained without bf16)", lambda: train_step(bf16=False)),
+            "bf16_fused": ("bf16 autocast, fused attention", with_attention(fused, True)),
+            "bf16_keys": ("bf16, softmax along keys", with_attention(softmax_along_keys, True)),
+            "bf16": ("bf16 autocast (as trained)", lambda: train_step(bf16=True)),
+        }
+        times = wall_times({name: step for name, (_, step) in variants.items()}, device, args.repeats, args.warmup)
+        baseline = statistics.median(times["fp32_fused"])
+        print(f"\nfull training steps by precision and attention kernel (wall time, {rounds} rounds x {n} masks)")
+        print(f"{'':34}{'ms':>10}{'vs fp32 fused':>15}")
+        for name, (label, _) in variants.items():
             step = statistics.median(times[name])
-            print(f"{label:34}{1000 * step:10.1f}{fp32 / step:9.2f}x")
+            print(f"{label:34}{1000 * step:10.1f}{baseline / step:14.2f}x")
 
     if "cached" in parts:
         prepare_finetune(module.model, FinetuneConfig(**{**hp["finetune"], "freeze_image_encoder": True}))

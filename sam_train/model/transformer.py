@@ -12,13 +12,19 @@ from torch import nn
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over B x heads x N x d tensors.
 
-    PyTorch's fused CPU kernel is slow in bf16 at the decoder's head width of 8-16 (its backward
-    ~5x slower than this matmul-softmax-matmul, which oneDNN runs on the CPU's bf16 units); in
-    fp32 and on GPUs the fused kernel is the faster one.
+    On a GPU, PyTorch's fused kernel. On a CPU, matmul-softmax-matmul (oneDNN runs the matmuls on
+    the CPU's bf16 units; the fused CPU kernel's backward is ~5x slower in bf16 at the decoder's
+    head width of 8-16), laid out so that the softmax never runs along a short row: image tokens
+    attending to ~10 prompt tokens take their scores as keys x queries and normalise down the
+    columns, which vectorises along the 256+ queries. A softmax along rows of 10 is ~10x slower
+    on a CPU, and it made ~10% of a tiny training step (README, "Where a CPU step goes").
     """
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return (q * q.shape[-1] ** -0.5 @ k.transpose(-1, -2)).softmax(-1) @ v
-    return F.scaled_dot_product_attention(q, k, v)
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v)
+    q = q * q.shape[-1] ** -0.5
+    if k.shape[-2] < q.shape[-2]:
+        return (k @ q.transpose(-1, -2)).softmax(-2).transpose(-1, -2) @ v
+    return (q @ k.transpose(-1, -2)).softmax(-1) @ v
 
 
 class Attention(nn.Module):

@@ -94,20 +94,24 @@ def test_low_rank_attention_equals_plain_attention(tiny_pair):
     )
 
 
-def test_bf16_attention_on_cpu_matches_the_fused_kernel_in_value_and_gradient():
-    """The matmul-softmax path that bf16 on a CPU takes gives what PyTorch's fused kernel gives in fp32."""
+@pytest.mark.parametrize("queries, keys", [(7, 256), (256, 7), (9, 9)], ids=["tokens-to-image", "image-to-tokens", "tokens"])
+def test_cpu_attention_matches_the_fused_kernel_in_value_and_gradient(queries: int, keys: int):
+    """The CPU's matmul-softmax path, in both of its layouts, gives what PyTorch's fused kernel gives in fp32."""
     from sam_train.model.transformer import attention
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 8, n, 8, generator=g, requires_grad=True) for n in (7, 256, 256))
+    q, k, v = (torch.randn(3, 8, n, 8, generator=g, requires_grad=True) for n in (queries, keys, keys))
     fused = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    (q_grad, k_grad, v_grad) = torch.autograd.grad(fused.square().sum(), (q, k, v))
+    want_grads = torch.autograd.grad(fused.square().sum(), (q, k, v))
+    exact = attention(q, k, v)
+    torch.testing.assert_close(exact, fused, atol=1e-5, rtol=1e-5)
+    for got, want in zip(torch.autograd.grad(exact.square().sum(), (q, k, v)), want_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
     ours = attention(*half)
     assert ours.dtype == torch.bfloat16
     grads = torch.autograd.grad(ours.float().square().sum(), half)
-    torch.testing.assert_close(ours.float(), fused, atol=0.03, rtol=0.02)
-    for got, want in zip(grads, (q_grad, k_grad, v_grad)):
-        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
-    # fp32 keeps the fused kernel exactly.
-    torch.testing.assert_close(attention(q, k, v), fused, atol=0, rtol=0)
+    # bf16 keeps 8 bits of mantissa: judged by the error's norm against the exact result's (a key's
+    # gradient sums 256 queries' terms, so single entries can cancel to near zero).
+    for got, want in zip((ours, *grads), (fused, *want_grads)):
+        assert (got.float() - want).norm() < 0.02 * want.norm()
