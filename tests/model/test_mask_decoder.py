@@ -94,7 +94,9 @@ def test_low_rank_attention_equals_plain_attention(tiny_pair):
     )
 
 
-@pytest.mark.parametrize("queries, keys", [(7, 256), (256, 7), (9, 9)], ids=["tokens-to-image", "image-to-tokens", "tokens"])
+@pytest.mark.parametrize(
+    "queries, keys", [(7, 256), (256, 7), (9, 9)], ids=["tokens-to-image", "image-to-tokens", "tokens"]
+)
 def test_cpu_attention_matches_the_fused_kernel_in_value_and_gradient(queries: int, keys: int):
     """The CPU's matmul-softmax path, in both of its layouts, gives what PyTorch's fused kernel gives in fp32."""
     from sam_train.model.transformer import attention
