@@ -247,11 +247,25 @@ class SamModule(L.LightningModule):
         return max(float(count), 1.0) / trainer.world_size
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip the global gradient norm; under FSDP through the sharded root module, which sees every shard."""
-        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
-        else:
+        """Clip the global gradient norm (under FSDP through the sharded root module, which sees every shard) and
+        log it, before clipping, as `train/grad_norm`.
+
+        The recipe clips hard (`optim.grad_clip`: 0.1); the logged norm says how hard: a norm far
+        above the clip all run long means the clip, not the lr, sets the size of every step.
+        Gradients are whole (all-reduced, unscaled) here, so every rank logs the same norm.
+        """
+        if gradient_clip_algorithm not in (None, "norm"):  # clipping by value: Lightning's, with no norm to log
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            if not gradient_clip_val:  # FSDP has no norm without clipping
+                return
+            norm = self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            params = self.trainer.precision_plugin.main_params(optimizer)
+            norm = (torch.nn.utils.clip_grad_norm_(params, gradient_clip_val) if gradient_clip_val
+                    else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        self.log("train/grad_norm", norm, batch_size=1)
 
     def max_time_spent(self) -> float:
         """The fraction of `trainer.max_time` spent training, earlier sessions of a resumed run included

@@ -154,6 +154,42 @@ def test_fits_in_a_real_trainer_with_the_datamodule(synth_24, tmp_path):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
+class GradientNorms(L.Callback):
+    """The global gradient norm of every step before clipping (Lightning calls this hook first) and after it."""
+
+    def __init__(self) -> None:
+        self.before: list[float] = []
+        self.after: list[float] = []
+
+    @staticmethod
+    def norm(module: L.LightningModule) -> float:
+        return float(torch.stack([p.grad.double().norm() for p in module.parameters() if p.grad is not None]).norm())
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer) -> None:
+        self.before.append(self.norm(module))
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
+        self.after.append(self.norm(module))  # what the optimiser stepped with: zero_grad waits for the next step
+
+
+@pytest.mark.parametrize("clip", [0.1, None])
+def test_the_gradient_norm_is_logged_before_clipping_and_clipping_still_holds(synth_24, tmp_path, clip):
+    dm = SA1BDataModule([str(synth_24)], image_size=256, sample={"mask_stride": 4, "max_masks": 4}, batch_size=2,
+                        num_workers=0, pin_memory=False)
+    norms = GradientNorms()
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=clip, callbacks=[norms])
+    trainer.fit(module(total_steps=2, warmup_steps=1), datamodule=dm)
+    logged = float(trainer.callback_metrics["train/grad_norm"])  # the last step's
+    assert logged == pytest.approx(norms.before[-1], rel=1e-5)
+    if clip is None:
+        assert norms.after == pytest.approx(norms.before, rel=1e-6)  # measured, not scaled
+    else:
+        assert min(norms.before) > clip  # a from-scratch start: clipping bites, so the test below means something
+        assert max(norms.after) <= clip * (1 + 1e-5)
+
+
 def test_the_time_cooldown_reads_the_trainers_max_time_clock_as_a_resumed_run_restores_it():
     cooled = module(total_steps=1000, schedule="cosine", warmup_steps=0, time_cooldown=0.5)
     plain = module(total_steps=1000, schedule="cosine", warmup_steps=0)
