@@ -8,6 +8,7 @@ best low-res logits fed back as the mask prompt. Each round's prediction is supe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import lightning as L
@@ -257,10 +258,8 @@ class SamModule(L.LightningModule):
         if gradient_clip_algorithm not in (None, "norm"):  # clipping by value: Lightning's, with no norm to log
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            if not gradient_clip_val:  # FSDP has no norm without clipping
-                return
-            norm = self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # an infinite clip scales by 1: the norm alone
+            norm = self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val or math.inf)
         else:
             params = self.trainer.precision_plugin.main_params(optimizer)
             norm = (torch.nn.utils.clip_grad_norm_(params, gradient_clip_val) if gradient_clip_val
