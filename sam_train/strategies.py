@@ -3,6 +3,8 @@ classes, and `precision: auto` depends on the hardware."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
@@ -10,6 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from timm.models.vision_transformer_sam import Block as EncoderBlock
 
 from sam_train.model.transformer import TwoWayAttentionBlock
+
+# Lightning's pytree helper still builds torch's LeafSpec, which torch now deprecates: a FutureWarning
+# at the start of every fit and validation loop, about their code, that nothing in ours can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 # The repeated units of SAM: each is sharded (and recomputed, with activation checkpointing) on its own.
 SAM_BLOCKS = {EncoderBlock, TwoWayAttentionBlock}
