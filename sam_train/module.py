@@ -122,10 +122,21 @@ class SamModule(L.LightningModule):
         images = len(embeddings)
         num_masks = self._loss_normaliser(len(batch["masks"]))
         generator = torch.Generator(device=self.device).manual_seed(hash((self.seed, self.global_step, self.global_rank)))
-        losses = self.interactive_session(embeddings, batch["masks"], batch["image_index"], num_masks, generator)
+        prompts = self.session_prompts()
+        masks, image_index = batch["masks"], batch["image_index"]
+        losses = self.interactive_session(embeddings, masks, image_index, num_masks, generator, prompts)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=images)
+        self.log("train/rounds", float(prompts.rounds), batch_size=images)
         self.log("train/loss", losses["total"], prog_bar=True, batch_size=images)
         return losses["total"]
+
+    def session_prompts(self) -> PromptConfig:
+        """This step's sessions: a curriculum's early ones (`prompts.early_until`) until training is that far
+        through its steps or its time cap, whichever it reaches first (a machine slower than the step count was
+        sized for still gets the full sessions before the cap), then `prompts` as configured."""
+        if not self.prompts.early_until:
+            return self.prompts
+        return self.prompts.at_progress(max(self.global_step / max(self.total_steps, 1), self.max_time_spent()))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """mIoU after each `eval_clicks` count (given and oracle mask) and with the box; the IoU head's calibration."""
@@ -147,12 +158,14 @@ class SamModule(L.LightningModule):
         image_index: torch.Tensor,
         num_masks: float,
         generator: torch.Generator | None = None,
+        prompts: PromptConfig | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Run SAM's simulated interactive rounds over all N masks at once; the loss is averaged over rounds."""
+        """Run SAM's simulated interactive rounds (`prompts`, else the module's) over all N masks at once; the loss
+        is averaged over rounds."""
         if len(targets) == 0:  # every mask was cropped away: still touch every parameter for DDP
-            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            zero = self._zero_touch(self)
             return {"total": zero, "focal": zero, "dice": zero, "iou": zero}
-        cfg, device = self.prompts, targets.device
+        cfg, device = prompts or self.prompts, targets.device
         n = len(targets)
         size = self.model.image_size
         stride = size // targets.shape[-1]
@@ -194,7 +207,15 @@ class SamModule(L.LightningModule):
             mask_prompt = logits[torch.arange(n, device=device), best][:, None].detach()
             if mask_prompt.shape[-2:] != self.model.prompt_encoder.mask_input_size:
                 mask_prompt = self._at(mask_prompt, self.model.prompt_encoder.mask_input_size)
+        if training and len(kinds) == 1:  # no round took a mask prompt: its encoder still joins the graph, for DDP
+            totals["total"] = totals["total"] + self._zero_touch(self.model.prompt_encoder.mask_downscaling)
         return totals
+
+    @staticmethod
+    def _zero_touch(module: torch.nn.Module) -> torch.Tensor:
+        """0 x the sum of every trainable parameter of `module`: a zero gradient, not none, for each. DDP (with
+        `find_unused_parameters: false`) waits for a gradient of every parameter in every step."""
+        return sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
 
     def _round(
         self,

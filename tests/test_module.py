@@ -98,6 +98,31 @@ def test_rounds_without_the_loss_run_without_a_gradient_and_every_part_still_lea
     assert all(p.grad is not None for _, p in trainable), [n for n, p in trainable if p.grad is None]
 
 
+def test_a_one_round_session_still_gives_every_trainable_parameter_a_gradient(synth_24):
+    # DDP (find_unused_parameters: false) waits for every parameter's gradient; a session of the first
+    # prompt alone never runs the mask-prompt encoder.
+    m = module()
+    m.__class__, m.seen = RoundRecorder, []
+    m.prompts = dataclasses.replace(m.prompts, corrective_rounds=0, empty_rounds=0)
+    losses = session_losses(m, synth_batch(synth_24), torch.Generator().manual_seed(2))
+    assert len(m.seen) == 1
+    losses["total"].backward()
+    trainable = [(n, p) for n, p in m.model.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None for _, p in trainable), [n for n, p in trainable if p.grad is None]
+    assert all(p.grad.abs().sum() == 0 for p in m.model.prompt_encoder.mask_downscaling.parameters())
+
+
+def test_a_curriculum_switches_to_full_sessions_at_its_share_of_the_steps_or_of_the_time_cap(monkeypatch):
+    m = module(total_steps=10)
+    m.prompts = dataclasses.replace(m.prompts, early_corrective_rounds=1, early_until=0.5)
+    assert m.session_prompts().rounds == 1 + 1 + 2  # step 0: one click, the empty rounds as configured
+    monkeypatch.setattr(m, "max_time_spent", lambda: 0.5)  # half the time cap spent, at step 0 still
+    assert m.session_prompts() == m.prompts and m.session_prompts().rounds == 11
+    m.prompts = dataclasses.replace(m.prompts, early_until=0.0)
+    monkeypatch.setattr(m, "max_time_spent", lambda: pytest.fail("no curriculum: the clock is not read"))
+    assert m.session_prompts() is m.prompts
+
+
 def box_miou(m: SamModule, batch: dict) -> float:
     with torch.no_grad():
         embeddings = m.model.encode_image(m.normalize(batch["images"], batch["content_sizes"]))

@@ -58,11 +58,16 @@ def train_losses(run) -> dict[int, float]:
 
 
 def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_runs_next_losses(tmp_path, synth_24):
-    whole = fit(load_config("fit", overrides(tmp_path / "whole", synth_24, steps=5)))
+    # A curriculum of 1-round sessions for the first 3 of 5 steps, then the quick start's 5 rounds: the
+    # resumed run crosses the switch as the whole one did.
+    curriculum = ["prompts.early_corrective_rounds=0", "prompts.early_until=0.6"]
+    whole = fit(load_config("fit", overrides(tmp_path / "whole", synth_24, steps=5) + curriculum))
+    rounds = {int(r["step"]): r["train/rounds"] for r in read_log(whole) if "train/rounds" in r}
+    assert rounds == {0: 1.0, 1: 1.0, 2: 1.0, 3: 5.0, 4: 5.0}
     resumed_dir = tmp_path / "resumed" / "quickstart" / "test"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(whole / "checkpoints" / "epoch=0-step=2.ckpt", resumed_dir / "checkpoints")  # as if killed after step 2
-    resumed = fit(load_config("fit", overrides(tmp_path / "resumed", synth_24, steps=5, resume="auto")))
+    resumed = fit(load_config("fit", overrides(tmp_path / "resumed", synth_24, steps=5, resume="auto") + curriculum))
     assert resumed == resumed_dir
     expected, got = train_losses(whole), train_losses(resumed)
     assert sorted(got) == [2, 3, 4] and sorted(expected) == [0, 1, 2, 3, 4]

@@ -15,6 +15,7 @@ Coordinates are (x, y) in model-input pixels; masks are on the loss grid, whose 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -36,15 +37,35 @@ class PromptConfig:
     multimask_single_point: bool  # predict 3 masks where the prompt is a single point (ambiguous)
     checkpoint_rounds: bool  # recompute each round's decoder in the backward pass instead of storing it
     loss_rounds: int  # rounds that carry the loss: 0 all; else the first and this many - 1 drawn among the rest
+    early_corrective_rounds: int  # a curriculum: sessions with this many corrective clicks instead ...
+    early_until: float  # ... over this first fraction of training (0: none)
 
     def __post_init__(self) -> None:
         # One graded round would leave the mask-prompt encoder, used only from round 2 on, without a gradient.
         if self.loss_rounds and not 2 <= self.loss_rounds <= self.rounds:
             raise ValueError(f"prompts.loss_rounds must be 0 (all) or 2..{self.rounds}, got {self.loss_rounds}")
+        if not 0.0 <= self.early_until < 1.0:
+            raise ValueError(f"prompts.early_until is a fraction of training in [0, 1), got {self.early_until}")
+        if self.early_until and self.early_corrective_rounds < 0:
+            raise ValueError(f"prompts.early_corrective_rounds must be >= 0, got {self.early_corrective_rounds}")
+        early_rounds = 1 + self.early_corrective_rounds + self.empty_rounds
+        if self.early_until and self.loss_rounds and self.loss_rounds > early_rounds:
+            raise ValueError(
+                f"prompts.loss_rounds ({self.loss_rounds}) exceeds the early sessions' {early_rounds} rounds"
+            )
 
     @property
     def rounds(self) -> int:
         return 1 + self.corrective_rounds + self.empty_rounds
+
+    def at_progress(self, progress: float) -> PromptConfig:
+        """The sessions of a step this far (0 to 1) into training: the early, shorter ones of a curriculum
+        before `early_until`, then these. Short sessions cost a fraction of a step (the decoder's rounds are
+        most of it), so a curriculum buys many more steps that train the first prompt, and keeps the full
+        session, the one the click evaluation asks for, for the end."""
+        if progress < self.early_until:
+            return dataclasses.replace(self, corrective_rounds=self.early_corrective_rounds, early_until=0.0)
+        return self
 
 
 def round_schedule(cfg: PromptConfig, generator: torch.Generator | None = None) -> list[str]:

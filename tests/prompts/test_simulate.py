@@ -60,6 +60,24 @@ def test_loss_rounds_keep_the_first_and_draw_the_rest_uniformly():
             dataclasses.replace(sam, loss_rounds=bad)
 
 
+def test_a_curriculum_shortens_only_the_sessions_length_and_only_before_its_share_of_training():
+    full = dataclasses.replace(prompt_config("centre_clicks"), early_corrective_rounds=0, early_until=0.7)
+    assert full.rounds == 5
+    early = full.at_progress(0.0)
+    assert early.rounds == 1 and full.at_progress(0.699).rounds == 1
+    # clicks, boxes, noise: as configured
+    assert early == dataclasses.replace(full, corrective_rounds=0, early_until=0.0)
+    assert full.at_progress(0.7) is full and full.at_progress(1.0) is full
+    paper = prompt_config("sam")
+    assert paper.early_until == 0.0 and paper.at_progress(0.0) is paper  # off in the paper's recipe
+    with pytest.raises(ValueError, match="early_until is a fraction"):
+        dataclasses.replace(full, early_until=1.0)
+    with pytest.raises(ValueError, match="early_corrective_rounds must be >= 0"):
+        dataclasses.replace(full, early_corrective_rounds=-1)
+    with pytest.raises(ValueError, match=r"loss_rounds \(3\) exceeds the early sessions' 2 rounds"):
+        dataclasses.replace(full, loss_rounds=3, early_corrective_rounds=1)
+
+
 def test_first_points_fall_inside_their_masks_even_non_convex_ones():
     masks = ring_masks()
     points = first_point(masks, stride=4, generator=torch.Generator().manual_seed(0))
