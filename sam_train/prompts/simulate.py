@@ -15,8 +15,7 @@ Coordinates are (x, y) in model-input pixels; masks are on the loss grid, whose 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,7 +63,7 @@ class PromptConfig:
         most of it), so a curriculum buys many more steps that train the first prompt, and keeps the full
         session, the one the click evaluation asks for, for the end."""
         if progress < self.early_until:
-            return dataclasses.replace(self, corrective_rounds=self.early_corrective_rounds, early_until=0.0)
+            return replace(self, corrective_rounds=self.early_corrective_rounds, early_until=0.0)
         return self
 
 
