@@ -1,7 +1,7 @@
 """Cost of one SAM training step: where the time goes, batched decoder rounds vs a per-mask loop, images/s and MFU.
 
 Measurements on one batch, in one process (`--parts` picks them):
-  phases  one full training step (SamModule.training_step, backward, gradient clipping, AdamW)
+  phases  one full training step (SamModule.training_step, backward, gradient clipping, optimiser)
           under torch.profiler, split by the module's named scopes: encoder (normalise + image
           encoder), prompts (simulated first prompts and corrective clicks), decoder (prompt
           encoder + mask decoder, all rounds), loss (all rounds), backward, optimiser. CPU time
@@ -74,7 +74,7 @@ PHASES = {  # profiler scope -> row label
     "decoder": "decoder rounds",
     "loss": "loss",
     "backward": "backward",
-    "optimizer": "optimiser (clip + AdamW)",
+    "optimizer": "optimiser (clip + step)",
 }
 # Peak dense bf16 tensor-core FLOP/s by device name (first match wins; SXM parts unless named).
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
@@ -225,7 +225,7 @@ def main() -> None:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def train_step(step_batch: dict = batch, bf16: bool = bf16_default) -> None:
-        """What Lightning runs per step: the module's step under autocast, backward, norm clipping, AdamW, lr schedule."""
+        """What Lightning runs per step: the module's step under autocast, backward, norm clipping, optimiser, lr schedule."""
         with autocast(bf16):
             loss = module.training_step(step_batch, 0)
         with record_function("backward"):

@@ -1,12 +1,14 @@
-"""Optimiser recipe: every parameter in one group, no decay on norms/biases/positions, layer-wise lr, schedules."""
+"""Optimiser recipe: every parameter in one group, no decay on norms/biases/positions, layer-wise lr, schedules; Muon."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from sam_train.model import build_sam
-from sam_train.optim import lr_multiplier, parameter_groups
+from sam_train.optim import MuonAdamW, build_optimizer, lr_multiplier, orthogonalize, parameter_groups
 
 
 def test_groups_cover_every_parameter_once_with_the_right_decay_and_lr():
@@ -62,3 +64,108 @@ def test_a_time_cooldown_anneals_to_zero_inside_the_budget_and_leaves_the_steps_
     assert cooled(300) == 0.0
     with pytest.raises(ValueError, match="cooldown"):
         lr_multiplier("cosine", 10, 1, cooldown=1.0)
+
+
+def _linear_weight_names(model: torch.nn.Module) -> set[str]:
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_split_matrices_gives_linear_weights_groups_of_their_own_with_the_same_lr_and_decay():
+    model = build_sam("tiny")
+    plain = {n: g for g in parameter_groups(model, 1e-3, 0.1, 0.5) for n in g["names"]}
+    split = {n: g for g in parameter_groups(model, 1e-3, 0.1, 0.5, split_matrices=True) for n in g["names"]}
+    assert split.keys() == plain.keys()
+    assert {n for n, g in split.items() if g["muon"]} == _linear_weight_names(model)
+    assert not any(g["muon"] for g in plain.values())
+    for name in split:
+        same = ("lr", "weight_decay")
+        assert [split[name][k] for k in same] == [plain[name][k] for k in same], name
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 128), (2, 768, 192), (192, 192)])
+def test_orthogonalize_approximates_u_v_transpose_of_ill_conditioned_matrices(shape):
+    torch.manual_seed(0)
+    u, _, vh = torch.linalg.svd(torch.randn(shape), full_matrices=False)
+    spectrum = torch.logspace(-2, 0, u.shape[-1])  # singular values over two decades
+    matrices = u @ torch.diag_embed(spectrum.expand(*u.shape[:-2], -1)) @ vh
+    result = orthogonalize(matrices)
+    assert result.shape == matrices.shape and result.dtype == matrices.dtype
+    singular = torch.linalg.svdvals(result)
+    # Small directions are lifted (5 iterations multiply a tiny one by ~3.4^5: those two decades
+    # down reach ~0.7), none blows up.
+    assert singular.min() > 0.6 and singular.max() < 1.3
+    exact = u @ vh
+    cosine = (result * exact).sum((-2, -1)) / (result.norm(dim=(-2, -1)) * exact.norm(dim=(-2, -1)))
+    assert (cosine > 0.95).all()
+
+
+def test_muon_matrix_update_has_adamw_rms_and_ignores_the_gradient_scale():
+    changes = []
+    for scale in (1.0, 2.0**14):  # a power of two: the rounding of every intermediate scales with it
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(128, 64)
+        before = layer.weight.detach().clone()
+        opt = MuonAdamW([{"params": [layer.weight], "muon": True}], lr=1e-2, weight_decay=0.0)
+        layer.weight.grad = scale * torch.randn(64, 128)
+        opt.step()
+        changes.append(layer.weight.detach() - before)
+    rms = changes[0].pow(2).mean().sqrt().item()
+    assert 0.7 * 0.2 * 1e-2 < rms < 1.3 * 0.2 * 1e-2  # 0.2 x lr: a typical AdamW step's RMS
+    torch.testing.assert_close(changes[0], changes[1], atol=1e-7, rtol=0)
+
+
+def test_non_matrix_groups_step_exactly_as_torch_adamw_and_weight_decay_is_decoupled():
+    torch.manual_seed(0)
+    ours = build_sam("tiny")
+    theirs = copy.deepcopy(ours)
+    ours_groups = parameter_groups(ours, 1e-3, 0.1, 0.8, split_matrices=True)
+    mine = MuonAdamW(ours_groups, lr=1e-3, betas=(0.9, 0.95))
+    reference = torch.optim.AdamW(parameter_groups(theirs, 1e-3, 0.1, 0.8), lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(3):
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        mine.step()
+        reference.step()
+    muon_names = {n for g in ours_groups if g["muon"] for n in g["names"]}
+    mine_params, reference_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    for name, param in mine_params.items():
+        if name in muon_names:
+            assert not torch.allclose(param, reference_params[name], atol=1e-6), name
+        else:
+            torch.testing.assert_close(param, reference_params[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_muon_state_round_trips_so_a_resumed_run_takes_the_same_next_step():
+    torch.manual_seed(0)
+    model = build_sam("tiny")
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
+
+    def step(opt: torch.optim.Optimizer, params, k: int) -> None:
+        for p, g in zip(params, grads[k]):
+            p.grad = g.clone()
+        opt.step()
+
+    first = MuonAdamW(parameter_groups(model, 1e-3, 0.1, 0.8, split_matrices=True), lr=1e-3)
+    step(first, model.parameters(), 0)
+    step(first, model.parameters(), 1)
+    resumed_model = copy.deepcopy(model)
+    resumed = MuonAdamW(parameter_groups(resumed_model, 1e-3, 0.1, 0.8, split_matrices=True), lr=1e-3)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    step(first, model.parameters(), 2)
+    step(resumed, resumed_model.parameters(), 2)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_muon_refuses_flat_shards_and_build_optimizer_names_its_choices():
+    with pytest.raises(ValueError, match="whole 2-D weight matrices"):
+        MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(10))], "muon": True}])
+    model = build_sam("tiny")
+    optim = {"lr": 1e-3, "betas": [0.9, 0.95], "muon_momentum": 0.95}
+    assert isinstance(build_optimizer(parameter_groups(model, 1e-3, 0.1, 0.8), {**optim, "name": "adamw"}),
+                      torch.optim.AdamW)
+    groups = parameter_groups(model, 1e-3, 0.1, 0.8, split_matrices=True)
+    assert isinstance(build_optimizer(groups, {**optim, "name": "muon"}), MuonAdamW)
+    with pytest.raises(ValueError, match="'adamw' or 'muon'"):
+        build_optimizer(groups, {**optim, "name": "sgd"})
