@@ -130,8 +130,9 @@ def box_miou(m: SamModule, batch: dict) -> float:
     return result.iou["miou_box"].mean().item()
 
 
-def test_overfitting_a_few_images_lowers_the_loss_and_raises_the_iou(synth_24):
-    m = module(lr=3e-3, warmup_steps=5, layer_decay=0.9)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_overfitting_a_few_images_lowers_the_loss_and_raises_the_iou(synth_24, optimizer):
+    m = module(lr=3e-3, warmup_steps=5, layer_decay=0.9, name=optimizer)
     # Dice and IoU terms only: from random init the focal term first drives every mask to
     # background, which takes longer than a unit test should run to leave.
     m.loss_weights = dataclasses.replace(m.loss_weights, focal=0.0)
