@@ -26,7 +26,7 @@ from sam_train.evaluation import batch_metrics, evaluate_clicks
 from sam_train.losses import LossWeights, sam_loss
 from sam_train.model import Sam
 from sam_train.model.prompt_encoder import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, PAD_LABEL, POSITIVE_LABEL
-from sam_train.optim import build_optimizer, decay_layout, lr_multiplier, parameter_groups
+from sam_train.optim import build_optimizer, decay_layout, lr_multiplier
 from sam_train.prompts import (
     PromptConfig,
     corrective_clicks,
@@ -303,9 +303,7 @@ class SamModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        groups = parameter_groups(self.model, o["lr"], o["weight_decay"], o["layer_decay"], self._decay_layout,
-                                  split_matrices=o["name"] == "muon")
-        optimizer = build_optimizer(groups, o)
+        optimizer = build_optimizer(self.model, o, self._decay_layout)
         schedule = lr_multiplier(o["schedule"], self.total_steps, o["warmup_steps"], tuple(o["milestones"]), o["gamma"],
                                  cooldown=o["time_cooldown"], budget_spent=self.max_time_spent)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

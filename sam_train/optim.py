@@ -182,13 +182,16 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
 
 
-def build_optimizer(groups: list[dict], optim: dict) -> torch.optim.Optimizer:
-    """The optimiser `optim.name` names over `parameter_groups(..., split_matrices=name == "muon")`."""
-    if optim["name"] == "adamw":
-        return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]))
-    if optim["name"] == "muon":
+def build_optimizer(model: Sam, optim: dict, layout: dict[str, ParamRole] | None = None) -> torch.optim.Optimizer:
+    """The optimiser `optim.name` names, over the recipe's `parameter_groups` (`layout` as there)."""
+    if optim["name"] not in ("adamw", "muon"):
+        raise ValueError(f"optim.name must be 'adamw' or 'muon', got {optim['name']!r}")
+    muon = optim["name"] == "muon"
+    groups = parameter_groups(model, optim["lr"], optim["weight_decay"], optim["layer_decay"], layout,
+                              split_matrices=muon)
+    if muon:
         return MuonAdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]), momentum=optim["muon_momentum"])
-    raise ValueError(f"optim.name must be 'adamw' or 'muon', got {optim['name']!r}")
+    return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]))
 
 
 def lr_multiplier(

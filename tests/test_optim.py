@@ -1,4 +1,4 @@
-"""Optimiser recipe: every parameter in one group, no decay on norms/biases/positions, layer-wise lr, schedules; Muon."""
+"""Optimiser recipe: the parameter groups (decay, layer-wise lr, Muon's matrices), the schedules, MuonAdamW."""
 
 from __future__ import annotations
 
@@ -162,10 +162,8 @@ def test_muon_refuses_flat_shards_and_build_optimizer_names_its_choices():
     with pytest.raises(ValueError, match="whole 2-D weight matrices"):
         MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(10))], "muon": True}])
     model = build_sam("tiny")
-    optim = {"lr": 1e-3, "betas": [0.9, 0.95], "muon_momentum": 0.95}
-    assert isinstance(build_optimizer(parameter_groups(model, 1e-3, 0.1, 0.8), {**optim, "name": "adamw"}),
-                      torch.optim.AdamW)
-    groups = parameter_groups(model, 1e-3, 0.1, 0.8, split_matrices=True)
-    assert isinstance(build_optimizer(groups, {**optim, "name": "muon"}), MuonAdamW)
+    optim = {"lr": 1e-3, "weight_decay": 0.1, "layer_decay": 0.8, "betas": [0.9, 0.95], "muon_momentum": 0.95}
+    assert isinstance(build_optimizer(model, {**optim, "name": "adamw"}), torch.optim.AdamW)
+    assert isinstance(build_optimizer(model, {**optim, "name": "muon"}), MuonAdamW)
     with pytest.raises(ValueError, match="'adamw' or 'muon'"):
-        build_optimizer(groups, {**optim, "name": "sgd"})
+        build_optimizer(model, {**optim, "name": "sgd"})
