@@ -288,7 +288,7 @@ class SamModule(L.LightningModule):
         self.log("train/grad_norm", norm, batch_size=1)
 
     def max_time_spent(self) -> float:
-        """The fraction of `trainer.max_time` spent training, earlier sessions of a resumed run included
+        """The fraction of `trainer.max_time` spent training, earlier launches of a resumed run included
         (Lightning's Timer restores them from the checkpoint); 0 without a cap or a Trainer. Rank 0's clock,
         broadcast: ranks whose lrs differed by their clocks' skew would let DDP's replicas drift apart."""
         trainer = self._trainer

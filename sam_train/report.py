@@ -29,19 +29,19 @@ CURVE_METRICS = ("miou_1click_oracle", "miou_1click", "miou_5click", "miou_box")
 
 
 def read_log(run_dir: Path) -> list[dict[str, float]]:
-    """The run's metric rows over all its sessions (csv/session_*/metrics.csv), numbers only.
+    """The run's metric rows over all its launches (csv/launch_*/metrics.csv), numbers only.
 
-    A resumed session restarts from its checkpoint's step, so rows an earlier session logged at
-    or after that step were redone: the later session's rows replace them.
+    A resume restarts from its checkpoint's step, so rows an earlier launch logged at or after
+    that step were redone: the later launch's rows replace them.
     """
     rows: list[dict[str, float]] = []
-    for path in sorted(run_dir.glob("csv/session_*/metrics.csv")):
+    for path in sorted(run_dir.glob("csv/launch_*/metrics.csv")):
         with open(path, newline="") as f:
             # Lightning leaves the columns a row did not log empty.
-            session = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-        if session:
-            start = min(r["step"] for r in session)
-            rows = [r for r in rows if r["step"] < start] + session
+            launch = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        if launch:
+            start = min(r["step"] for r in launch)
+            rows = [r for r in rows if r["step"] < start] + launch
     return rows
 
 

@@ -1,7 +1,7 @@
 """`sam-train fit`: assemble model, data, module and Lightning Trainer from one Hydra config, and run.
 
 The run folder (`<output_root>/<name>/<run id>`, the run id being $SLURM_JOB_ID when set) holds
-the resolved config, Lightning checkpoints, csv/session_*/metrics.csv, bad_samples.jsonl and, at the end, the
+the resolved config, Lightning checkpoints, csv/launch_*/metrics.csv, bad_samples.jsonl and, at the end, the
 weights in Meta's official layout.
 """
 
@@ -59,10 +59,10 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     """CSV always; wandb too with `logger=wandb`, offline unless an API key is configured (no network needed)."""
-    # One CSV per session: Lightning's CSVLogger deletes a metrics.csv it finds, so a resumed
-    # session writes beside the earlier ones (report.read_log stitches them).
-    session = len(list(run_dir.glob("csv/session_*")))
-    loggers: list[Logger] = [CSVLogger(run_dir, name="csv", version=f"session_{session:03d}")]
+    # One CSV per launch of the run: Lightning's CSVLogger deletes a metrics.csv it finds, so each
+    # resume writes beside the earlier launches' (report.read_log stitches them).
+    launch = len(list(run_dir.glob("csv/launch_*")))
+    loggers: list[Logger] = [CSVLogger(run_dir, name="csv", version=f"launch_{launch:03d}")]
     if cfg.logger.kind == "wandb":
         online = bool(os.environ.get("WANDB_API_KEY")) or _wandb_login_saved()
         loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name,

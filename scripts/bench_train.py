@@ -14,7 +14,7 @@ Measurements on one batch, in one process (`--parts` picks them):
   precision  full steps in fp32 and in bf16 autocast, each with PyTorch's fused attention kernel
           and as training runs it (on a CPU the decoder's attention is matmul-softmax-matmul with
           the softmax along the longer side: `sam_train.model.transformer.attention`), plus bf16
-          with the softmax always along the keys (the layout before it), timed round-robin in one process
+          with the softmax always along the keys (the textbook layout), timed round-robin in one process
   cached  decoder-only training (image encoder frozen): full steps with the encoder running
           against steps reading the batch's embeddings as an embedding cache gives them
           (`sam-train embed`: stored in bf16, read back to float32), timed round-robin in one
@@ -323,7 +323,7 @@ def main() -> None:
             return step
 
         def softmax_along_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            """The CPU path before session 19: scores laid out queries x keys, whatever their lengths."""
+            """The textbook layout: scores laid out queries x keys, whatever their lengths."""
             return (q * q.shape[-1] ** -0.5 @ k.transpose(-1, -2)).softmax(-1) @ v
 
         fused = torch.nn.functional.scaled_dot_product_attention

@@ -47,7 +47,7 @@ def test_fit_writes_a_complete_run_folder_and_resumes(tmp_path, synth_24):
     fit(load_config("fit", overrides(tmp_path, synth_24, steps=6, resume="auto")))
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names[-1] == "epoch=0-step=6.ckpt", names
-    assert sorted(p.name for p in (run / "csv").iterdir()) == ["session_000", "session_001"]
+    assert sorted(p.name for p in (run / "csv").iterdir()) == ["launch_000", "launch_001"]
     assert sorted({int(r["step"]) for r in read_log(run) if "train/loss" in r}) == list(range(6)), "history kept"
     state = torch.load(run / "checkpoints" / "epoch=0-step=6.ckpt", weights_only=True)
     assert state["global_step"] == 6 and state["SA1BDataModule"]["batches"] == 6

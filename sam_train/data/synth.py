@@ -69,7 +69,7 @@ def synth_dataset(
         raise ValueError(f"unknown scene style {style!r}; choose from {sorted(SCENE_STYLES)}")
     items = [(seed, i, style) for i in range(images)]
     source = {"kind": "synthetic", "seed": seed, "images": images}
-    if style != "objects":  # the default's manifest stays as it was, so existing datasets resume
+    if style != "objects":  # the default goes unnamed: a manifest without a style is an "objects" dataset
         source["style"] = style
     workers = workers or os.cpu_count() or 1
     if workers == 1:

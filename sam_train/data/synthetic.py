@@ -144,7 +144,7 @@ def draw_cells(rng: np.random.Generator, height: int, width: int, num_colonies: 
         hue = rng.uniform(60, 255, size=3).astype(np.float32) * rng.choice([0.4, 1.0], size=3)
         cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
         # Cells 16-26% of the short side across: at the tiny model's 256 px a cell spans 2-3 of
-        # its 16 px patches and a nucleus stays above its 4 px mask grid (smaller was unresolvable).
+        # its 16 px patches and a nucleus stays above its 4 px mask grid (below it, unresolvable).
         radius = rng.uniform(0.08, 0.13) * scale
         for _ in range(int(rng.integers(1, 5))):
             py, px = cy + rng.normal(0, 0.8) * radius, cx + rng.normal(0, 0.8) * radius
