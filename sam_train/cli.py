@@ -308,13 +308,13 @@ def _cmd_engine_ingest(args: argparse.Namespace) -> int:
 
 def _add_engine_commands(commands: argparse._SubParsersAction) -> None:
     engine = commands.add_parser(
-        "engine", help="the data-engine loop: init, run, status, ingest (see README: Data engine)"
+        "engine", help="the data-engine loop: init, run, status, ingest (see docs/engine.md)"
     ).add_subparsers(dest="action", required=True)
     init = engine.add_parser(
         "init", help="make a work folder: image pool, start model, configs/engine.yaml resolved",
         description="e.g. `sam-train engine init work --images photos/ annotator.kind=people data.eval=[held_out_shards]`",
     )
-    init.add_argument("workdir", type=Path)
+    init.add_argument("workdir", type=Path, help="the work folder to create")
     init.add_argument("--images", nargs="+", required=True,
                       help="image files, folders of images, or shard datasets (only their images are read)")
     init.add_argument("--config", default="engine", help="a configs/ file: engine (default) or engine_demo")
@@ -322,19 +322,20 @@ def _add_engine_commands(commands: argparse._SubParsersAction) -> None:
     init.set_defaults(func=_cmd_engine_init)
 
     run = engine.add_parser("run", help="run rounds: train, autolabel, export, annotate, ingest, version, evaluate")
-    run.add_argument("workdir", type=Path)
+    run.add_argument("workdir", type=Path, help="a work folder made by `engine init`")
     run.add_argument("--rounds", type=int, help="stop after this many rounds (default: the work folder's config)")
     run.add_argument("--no-wait", action="store_true", help="return instead of waiting for people's corrections")
     run.set_defaults(func=_cmd_engine_run)
 
     status = engine.add_parser("status", help="where the loop stands: next step, dataset versions, rounds")
-    status.add_argument("workdir", type=Path)
+    status.add_argument("workdir", type=Path, help="a work folder made by `engine init`")
     status.set_defaults(func=_cmd_engine_status)
 
     ingest = engine.add_parser("ingest", help="hand back a corrections file for the current round")
-    ingest.add_argument("workdir", type=Path)
-    ingest.add_argument("file", type=Path)
-    ingest.add_argument("--format", required=True, choices=["coco", "cvat", "labelstudio", "sa1b"])
+    ingest.add_argument("workdir", type=Path, help="a work folder made by `engine init`")
+    ingest.add_argument("file", type=Path, help="the corrections: a COCO JSON, CVAT XML, Label Studio JSON export or SA-1B folder")
+    ingest.add_argument("--format", required=True, choices=["coco", "cvat", "labelstudio", "sa1b"],
+                        help="the tool the file comes from")
     ingest.set_defaults(func=_cmd_engine_ingest)
 
 
@@ -343,22 +344,22 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
         dest="action", required=True
     )
     synth = data.add_parser("synth", help="write the built-in synthetic SA-1B-style dataset")
-    synth.add_argument("out", type=Path)
-    synth.add_argument("--images", type=int, default=1000)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--samples-per-shard", type=int, default=100)
+    synth.add_argument("out", type=Path, help="the dataset folder to write (shards + manifest.json)")
+    synth.add_argument("--images", type=int, default=1000, help="images to draw")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed draws the same images")
+    synth.add_argument("--samples-per-shard", type=int, default=100, help="images per tar shard")
     synth.add_argument("--workers", type=int, default=0, help="processes drawing images (0 = one per core)")
     synth.add_argument("--style", default="objects", choices=["objects", "cells"],
                        help="scene style: objects (the built-in model's domain) or cells (microscopy-like)")
     synth.set_defaults(func=_cmd_data_synth)
 
     convert = data.add_parser("convert", help="convert a dataset to SA-1B-style shards + manifest (resumable)")
-    convert.add_argument("source", choices=["sa1b", "coco", "masks"])
+    convert.add_argument("source", choices=["sa1b", "coco", "masks"], help="the input format")
     convert.add_argument("src", type=Path, help="sa1b: extracted folder; coco: images folder; masks: images folder")
-    convert.add_argument("out", type=Path)
+    convert.add_argument("out", type=Path, help="the dataset folder to write (shards + manifest.json)")
     convert.add_argument("--annotations", type=Path, help="coco: instances JSON")
     convert.add_argument("--masks", type=Path, help="masks: folder of instance-label PNGs, same stems as the images")
-    convert.add_argument("--samples-per-shard", type=int, default=1000)
+    convert.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
     convert.set_defaults(func=_cmd_data_convert)
 
     check = data.add_parser("check", help="validate every sample; one line per bad sample; exit 1 if any")
@@ -366,9 +367,9 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     check.set_defaults(func=_cmd_data_check)
 
     show = data.add_parser("show", help="draw a sample's masks over its image")
-    show.add_argument("shard", type=Path)
-    show.add_argument("--key", required=True)
-    show.add_argument("--out", type=Path, required=True)
+    show.add_argument("shard", type=Path, help="a tar shard")
+    show.add_argument("--key", required=True, help="the sample key inside the shard")
+    show.add_argument("--out", type=Path, required=True, help="the PNG to write")
     show.set_defaults(func=_cmd_data_show)
 
 
@@ -413,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         " Several processes (e.g. `srun`, slurm/autolabel.sbatch) share the shards, rank r writing every W-th from"
         " the r-th, and write no manifest: run the same command once more with --finalize when all are done.",
     )
-    autolabel.add_argument("inputs", nargs="+", metavar="CKPT IMAGES... OUT [overrides]")
+    autolabel.add_argument("inputs", nargs="+", metavar="CKPT IMAGES... OUT [overrides]",
+                           help="checkpoint, images or folders, output shard folder, then key=value overrides")
     autolabel.add_argument("--model", default="tiny", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny")
     autolabel.add_argument(
         "--semi-automatic", action="store_true",
@@ -432,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
         " CKPT's image encoder and the preprocessing; rerunning the same command resumes it. Overrides, e.g."
         " `hflip=true dtype=float16`. Several processes share the shards as in autolabel, then --finalize.",
     )
-    embed.add_argument("inputs", nargs="+", metavar="CKPT SHARDS... OUT [overrides]")
+    embed.add_argument("inputs", nargs="+", metavar="CKPT SHARDS... OUT [overrides]",
+                       help="checkpoint, shard datasets, output cache folder, then key=value overrides")
     embed.add_argument("--model", default="tiny", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny")
     _add_rank_options(embed)
     embed.set_defaults(func=_cmd_embed)
@@ -449,10 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
         " work folder as WORKDIR and its assisted rounds ingest them. Label Studio must be started with"
         " ML_BLOCK_LOCAL_IP=false SSRF_PROTECTION_ENABLED=false to call a backend on a private or loopback address.",
     )
-    serve.add_argument("checkpoint", metavar="CKPT")
+    serve.add_argument("checkpoint", metavar="CKPT", help="a checkpoint file, `builtin`, or an engine work folder")
     serve.add_argument("--model", help="a configs/model/ name: vit_b | vit_l | vit_h | tiny (default: the engine's, else tiny)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument("--port", type=int, default=9090, help="port to listen on")
     serve.add_argument("--workdir", help="embedding cache and annotations journal: an engine work folder, to ingest what"
                        " people submit (default: the engine folder given as CKPT, else ./sam-train-serve)")
     serve.add_argument("--memory-images", type=int, default=16, help="image embeddings kept in memory (LRU)")
@@ -476,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="load weights strictly and write them in Meta's official layout (.pth, or .safetensors by suffix)"
     )
     export.add_argument("src", type=Path, help="official-layout .pth or .safetensors")
-    export.add_argument("dst", type=Path)
+    export.add_argument("dst", type=Path, help="the file to write: .pth, or .safetensors by suffix")
     export.add_argument("--model", required=True, help="vit_b | vit_l | vit_h | tiny")
     export.set_defaults(func=_cmd_checkpoint_export)
     return parser

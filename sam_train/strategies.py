@@ -51,7 +51,7 @@ def auto_precision(accelerator: str) -> str:
     """bf16 autocast where the hardware computes in bf16 natively, else fp32.
 
     On a CPU with AVX512-BF16 or AMX, bf16 autocast runs a tiny training step ~1.7x faster
-    (`scripts/bench_train.py --precision bf16`) and learns as well (README, "Training"); on
+    (`scripts/bench_train.py --precision bf16`) and learns as well; on
     other CPUs bf16 is emulated and slower than fp32.
     """
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):

@@ -1,7 +1,7 @@
 """Embedding caches: the image encoder's output for every sample, stored once and read by sample key.
 
 A frozen encoder gives the same embedding for the same canvas every epoch, and it is most of a
-step's cost (README: Decoder-only fine-tuning from cached embeddings), so decoder-only training
+step's cost (docs/training.md, decoder-only fine-tuning), so decoder-only training
 reads it instead. A cache is a dataset folder written like any other
 (`write_shards` / `finish_dataset`: several ranks, resumable) whose samples hold one member,
 `<key>.safetensors`, with the embedding of the sample's canvas (`plain`) and, when cached, of its

@@ -16,7 +16,7 @@ def position_matching_attention(model: Sam, scale: float) -> int:
     Why: the decoder finds the prompted object by attention between prompt tokens and image tokens,
     both carrying the same random Fourier position encoding. With independent random W_q and W_k,
     the score q.k of a point's token and the image token under it is no larger than anywhere else,
-    so a model trained from scratch first predicts empty masks for ~130 steps (README) until it has
+    so a model trained from scratch first predicts empty masks for ~130 steps until it has
     learned to match positions. With W_k = W_q each head scores x^T W_q^T W_q y: a random projection of
     the dot product, which keeps the encodings' peak where positions agree. Masks then appear within
     ~50 steps. The idea is "mimetic" initialisation (Trockman & Kolter, 2023: W_q W_k^T ~ I), in its

@@ -17,8 +17,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     head width of 8-16), laid out so that the softmax never runs along a short row: image tokens
     attending to ~10 prompt tokens take their scores as keys x queries and normalise down the
     columns, which vectorises along the 256+ queries. A softmax along rows of 10 is ~10x slower
-    on a CPU, and it made ~10% of a tiny training step (README, "bf16 on the CPU, and clicks where
-    the evaluation clicks").
+    on a CPU, and it made ~10% of a tiny training step (`scripts/bench_train.py --parts
+    precision`).
     """
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v)
