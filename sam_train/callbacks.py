@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
 from sam_train.atomic_io import atomic_write_bytes
+from sam_train.report import draw_sessions
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,6 @@ class ValidationOverlays(L.Callback):
         if (batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or not due or not len(batch["masks"])
                 or isinstance(trainer.strategy, FSDPStrategy)):
             return
-        from sam_train.report import draw_sessions  # the report draws with the module: import at use, no cycle
-
         self._last_step = step
         png = draw_sessions(module, batch, self.clicks)
         path = self.folder / f"step_{step:07d}.png"

@@ -39,7 +39,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from sam_train.config import load_config
-    from sam_train.validate import format_metrics, validate
+    from sam_train.report import format_metrics
+    from sam_train.validate import validate
 
     cfg = load_config("fit", args.overrides)
     report = validate(cfg)

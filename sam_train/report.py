@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -22,7 +25,6 @@ from PIL import Image
 from sam_train.atomic_io import atomic_write_bytes
 from sam_train.evaluation import evaluate_clicks
 from sam_train.module import SamModule
-from sam_train.validate import format_metrics, json_metrics
 from sam_train.visualize import draw_session
 
 CURVE_METRICS = ("miou_1click_oracle", "miou_1click", "miou_5click", "miou_box")
@@ -123,3 +125,29 @@ def write_report(run_dir: Path, metrics: dict, curves_png: bytes, overlay_png: b
     evaluated = {k: v for k, v in metrics.items() if k not in ("train_seconds", "steps")}
     table = format_metrics(evaluated) if evaluated else "no held-out evaluation (no validation data or batches)"
     return f"{table}\ntrained {metrics['steps']} steps in {metrics['train_seconds'] / 60:.1f} min -> {run_dir}"
+
+
+def json_metrics(logged: Mapping[str, float]) -> dict[str, float | int | None]:
+    """Logged `val/...` metrics as metrics.json holds them: no prefix, a count as an int, NaN (undefined) as null."""
+    metrics = {name.removeprefix("val/"): float(v) for name, v in logged.items() if name.startswith("val/")}
+    return {k: int(v) if k == "masks" else None if math.isnan(v) else v for k, v in metrics.items()}
+
+
+def format_metrics(metrics: Mapping[str, float | None]) -> str:
+    """The evaluation as a text table: one row per prompt (top-IoU and oracle mIoU), then the IoU head's calibration.
+
+    `metrics` are named as `validate` reports them (`miou_3click`, `iou_mae`, ...; no `val/`).
+    "top-IoU" is the mask the model gives: the highest-scored of 3 after one click, the single
+    output after more clicks or a box.
+    """
+    cell = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
+    clicks = sorted(int(m.group(1)) for name in metrics if (m := re.fullmatch(r"miou_(\d+)click", name)))
+    rows = [(f"mIoU {k} click{'s' if k > 1 else ''}", metrics[f"miou_{k}click"], metrics[f"miou_{k}click_oracle"])
+            for k in clicks]
+    rows += [("mIoU box", metrics["miou_box"], None), ("IoU head MAE", metrics["iou_mae"], None),
+             ("IoU head corr", metrics["iou_corr"], None)]
+    lines = [f"{'metric':16} {'top-IoU':>8} {'oracle':>8}"]
+    lines += [f"{name:16} {cell(top):>8} {cell(oracle):>8}" for name, top, oracle in rows]
+    if "masks" in metrics:
+        lines.append(f"({int(metrics['masks'])} masks)")
+    return "\n".join(lines)

@@ -8,9 +8,6 @@ they mean for training; the evaluation itself is `SamModule.validation_step` und
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +17,7 @@ from omegaconf import DictConfig
 from sam_train.atomic_io import atomic_write_bytes
 from sam_train.model import build_sam
 from sam_train.module import SamModule
+from sam_train.report import json_metrics
 from sam_train.strategies import trainer_arguments
 
 
@@ -50,29 +48,3 @@ def validate(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         atomic_write_bytes(out / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
-
-
-def json_metrics(logged: Mapping[str, float]) -> dict[str, float | int | None]:
-    """Logged `val/...` metrics as metrics.json holds them: no prefix, a count as an int, NaN (undefined) as null."""
-    metrics = {name.removeprefix("val/"): float(v) for name, v in logged.items() if name.startswith("val/")}
-    return {k: int(v) if k == "masks" else None if math.isnan(v) else v for k, v in metrics.items()}
-
-
-def format_metrics(metrics: Mapping[str, float | None]) -> str:
-    """The evaluation as a text table: one row per prompt (top-IoU and oracle mIoU), then the IoU head's calibration.
-
-    `metrics` are named as `validate` reports them (`miou_3click`, `iou_mae`, ...; no `val/`).
-    "top-IoU" is the mask the model gives: the highest-scored of 3 after one click, the single
-    output after more clicks or a box.
-    """
-    cell = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
-    clicks = sorted(int(m.group(1)) for name in metrics if (m := re.fullmatch(r"miou_(\d+)click", name)))
-    rows = [(f"mIoU {k} click{'s' if k > 1 else ''}", metrics[f"miou_{k}click"], metrics[f"miou_{k}click_oracle"])
-            for k in clicks]
-    rows += [("mIoU box", metrics["miou_box"], None), ("IoU head MAE", metrics["iou_mae"], None),
-             ("IoU head corr", metrics["iou_corr"], None)]
-    lines = [f"{'metric':16} {'top-IoU':>8} {'oracle':>8}"]
-    lines += [f"{name:16} {cell(top):>8} {cell(oracle):>8}" for name, top, oracle in rows]
-    if "masks" in metrics:
-        lines.append(f"({int(metrics['masks'])} masks)")
-    return "\n".join(lines)

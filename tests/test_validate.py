@@ -10,7 +10,8 @@ import torch
 from sam_train.cli import main
 from sam_train.config import load_config
 from sam_train.model import build_sam, export_official
-from sam_train.validate import format_metrics, validate
+from sam_train.report import format_metrics
+from sam_train.validate import validate
 from tests.test_evaluation import known_output_sam
 
 SMALL = ["data.num_workers=0", "data.batch_size=2", "data.sample.max_masks=4", "trainer.enable_progress_bar=false"]
