@@ -485,20 +485,56 @@ def _percent(value: dict, name: str, where: str) -> float:
 class LabelStudioError(RuntimeError):
     """A Label Studio API call failed; the message has the method, path, HTTP status and body."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status, None when the server did not answer
+
+
+def is_personal_access_token(token: str) -> bool:
+    """Whether `token` is a personal access token (a JWT, what Label Studio's Account page hands out)
+    rather than a legacy API token."""
+    return token.startswith("eyJ") and token.count(".") == 2
+
 
 class LabelStudio:
-    """The handful of Label Studio API calls the engine needs, over stdlib urllib with Token auth."""
+    """The handful of Label Studio API calls the engine needs, over stdlib urllib.
+
+    `token` is either kind Label Studio 1.23 gives a user: a legacy API token, sent as `Token <t>`
+    (accepted only where the organisation enables legacy tokens), or a personal access token, a
+    refresh JWT exchanged at /api/token/refresh/ for a short-lived access token sent as `Bearer <a>`
+    and exchanged again when that expires.
+    """
 
     def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self._access: str | None = None  # the current access token of a personal access token
+
+    def authorization(self, renew: bool = False) -> str:
+        """The Authorization header for `token` (`renew`: a fresh access token, the last one expired)."""
+        if not is_personal_access_token(self.token):
+            return f"Token {self.token}"
+        if self._access is None or renew:
+            reply = self._send("POST", "/api/token/refresh/", {"refresh": self.token}, None, False, None)
+            self._access = reply["access"]
+        return f"Bearer {self._access}"
 
     def request(self, method: str, path: str, body: Any = None, query: dict | None = None, raw: bool = False) -> Any:
         """One API call; returns the decoded JSON (or bytes with raw), raises LabelStudioError with status and body."""
+        try:
+            return self._send(method, path, body, query, raw, self.authorization())
+        except LabelStudioError as exc:
+            if exc.status != 401 or not is_personal_access_token(self.token):
+                raise
+            return self._send(method, path, body, query, raw, self.authorization(renew=True))  # access expired
+
+    def _send(self, method: str, path: str, body: Any, query: dict | None, raw: bool, authorization: str | None) -> Any:
         url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Authorization": f"Token {self.token}", "Accept": "application/json"}
+        headers = {"Accept": "application/json"}
+        if authorization:
+            headers["Authorization"] = authorization
         if data is not None:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
@@ -507,7 +543,7 @@ class LabelStudio:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:2000].decode(errors="replace")
-            raise LabelStudioError(f"{method} {path} -> HTTP {exc.code}: {detail}") from None
+            raise LabelStudioError(f"{method} {path} -> HTTP {exc.code}: {detail}", exc.code) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             raise LabelStudioError(f"{method} {path}: Label Studio at {self.url} did not answer ({exc})") from None
         if raw:
@@ -538,6 +574,11 @@ class LabelStudio:
         if not isinstance(ids, list) or len(ids) != len(tasks):
             raise LabelStudioError(f"import into project {project_id} returned {reply!r}, not {len(tasks)} task ids")
         return ids
+
+    def prelabel_with(self, project_id: int, model_version: str) -> dict:
+        """Pre-fill the editor with the predictions of `model_version`. Label Studio shows a person only the
+        predictions of the project's model version, which it sets once, at the first import with predictions."""
+        return self.request("PATCH", f"/api/projects/{project_id}", {"model_version": model_version})
 
     def annotate(self, task_id: int, result: list[dict], lead_time: float = 1.0, was_cancelled: bool = False,
                  parent_prediction: int | None = None) -> dict:

@@ -137,6 +137,7 @@ class ImageSource:
         self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
         self.token = token
         self.roots = [Path(r).resolve() for r in roots]
+        self._auth: ls.LabelStudio | None = None
 
     def connect(self, hostname: str | None, token: str | None) -> None:
         """What `/setup` tells us; settings given on the command line win."""
@@ -170,16 +171,28 @@ class ImageSource:
                          f" ({', '.join(map(str, self.roots)) or 'none: pass --images-root'}), and no Label Studio"
                          " address to resolve it against (pass --label-studio-url, or let Label Studio call /setup)")
 
-    def _get(self, url: str, where: str, auth: bool) -> bytes:
-        headers = {"Authorization": f"Token {self.token}"} if auth and self.token else {}
+    def _get(self, url: str, where: str, auth: bool, renew: bool = False) -> bytes:
+        client = self._client() if auth and self.token else None
         try:
+            headers = {"Authorization": client.authorization(renew)} if client else {}
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=FETCH_TIMEOUT_S) as reply:
                 return reply.read()
         except urllib.error.HTTPError as exc:
+            if exc.code == 401 and client and not renew and ls.is_personal_access_token(self.token):
+                return self._get(url, where, auth, renew=True)  # the access token expired
             raise ValueError(f"{where}: fetching {_short(url)} -> HTTP {exc.code}"
                              + (" (is the token right? --label-studio-token)" if exc.code in (401, 403) else "")) from None
+        except ls.LabelStudioError as exc:  # a personal access token could not be exchanged
+            raise ValueError(f"{where}: fetching {_short(url)}: {exc}"
+                             " (is the token right? --label-studio-token)") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             raise ValueError(f"{where}: cannot fetch {_short(url)} ({exc})") from None
+
+    def _client(self) -> ls.LabelStudio:
+        """A client for the Authorization header: a legacy token as is, a personal access token exchanged."""
+        if self._auth is None or (self._auth.url, self._auth.token) != (self.label_studio_url, self.token):
+            self._auth = ls.LabelStudio(self.label_studio_url, self.token, timeout=FETCH_TIMEOUT_S)
+        return self._auth
 
 
 def model_version(name: str, model: Sam) -> str:

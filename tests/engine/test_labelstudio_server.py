@@ -102,3 +102,25 @@ def test_round_trip_through_a_real_server(label_studio: LabelStudioServer) -> No
     assert "region n9: brush RLE stops after" in parsed.skipped[0][1]
     assert parsed.unannotated == [str(ids[3])]
     assert parsed.superseded == [] and parsed.drafts == []
+
+
+def test_personal_access_token_works_like_the_legacy_token(label_studio: LabelStudioServer) -> None:
+    """The token Label Studio 1.23's Account page hands out (a JWT, refused as `Token <t>`) is exchanged
+    for short-lived access tokens, renewed when one expires, by the engine's client and by `serve`."""
+    from sam_train.engine.mlbackend import ImageSource
+
+    legacy = label_studio.client()
+    pat = legacy.request("POST", "/api/token/")["token"]  # what the Account page's "Create" button calls
+    assert ls.is_personal_access_token(pat) and not ls.is_personal_access_token(label_studio.token)
+    client = ls.LabelStudio(label_studio.url, pat)
+    assert client.request("GET", "/api/current-user/whoami")["email"] == label_studio.user
+    client._access = client._access[:-4] + "xxxx"  # as if the 5-minute access token had expired
+    assert client.request("GET", "/api/current-user/whoami")["email"] == label_studio.user
+
+    project = legacy.create_project("personal access token")
+    folder = label_studio.files_root / "pat"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(7))
+    legacy.connect_local_files(project["id"], folder)
+    url = ls.local_file_url(folder / "a.png", label_studio.files_root)
+    assert ImageSource(label_studio.url, pat).load(url, "task 1")[1] == png(7)
