@@ -533,6 +533,8 @@ class Engine:
         missing = [t for t in tasks if t["data"]["key"] not in present]
         if missing:
             client.import_tasks(project, missing)
+        if tasks and not self.assisted(r):  # the editor shows only the project's model version: this round's
+            client.prelabel_with(project, ls.model_version(r))
         return {"project": project, "imported": len(missing)}
 
     def _simulate_in_labelstudio(self, r: int) -> None:

@@ -89,3 +89,28 @@ def test_assisted_round_through_label_studio_and_our_backend(label_studio):
     assert len(list((root / "embeddings").glob("*/*.safetensors"))) == 2, "the backend embedded each image once"
     provenance = [json.loads(line)["provenance"] for line in (engine.round_dir(1) / "edits.jsonl").read_text().splitlines()]
     assert provenance and all(p["annotator"] == label_studio.user and p["source"] == "human" for p in provenance)
+
+
+def test_people_see_each_rounds_masks_in_the_label_stream(label_studio):
+    """Label Studio pre-fills the editor only with the project's model version, which it sets at the first
+    import: each push makes it the round's own, or round 2's people would start from no masks at all."""
+    root = label_studio.files_root / "engine-people"
+    pool = label_studio.files_root / "people-pool-shards"
+    synth_dataset(pool, images=4, seed=7, samples_per_shard=4, workers=1, style="cells")
+    init_workdir(root, [pool], [
+        *MINIATURE, "images_per_round=2", "backend=labelstudio", "annotator.kind=people",
+        f"labelstudio.url={label_studio.url}", f"labelstudio.token={label_studio.token}",
+        f"labelstudio.document_root={label_studio.files_root}",
+    ])
+    client = label_studio.client()
+    for r in (1, 2):
+        Engine(root).run(rounds=2, wait=False, log=lambda line: None)  # stops at round r's annotate step
+        project = Engine(root).journal.done()[(r, "export")]["project"]
+        for _ in Engine(root).round_keys(r):  # a person pressing "Label All Tasks", then Submit, task after task
+            task = client.request("GET", f"/api/projects/{project}/next")
+            assert task["data"]["round"] == r
+            (prediction,) = task["predictions"]
+            assert prediction["model_version"] == f"sam-train-round-{r}" and prediction["result"]
+            client.annotate(task["id"], prediction["result"], parent_prediction=prediction["id"])
+    Engine(root).run(rounds=2, wait=False, log=lambda line: None)
+    assert Engine(root).next_step() == (3, "train")
