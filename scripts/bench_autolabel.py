@@ -39,7 +39,7 @@ from sam_train.engine.amg import AmgSettings, generate_masks
 from sam_train.model import build_sam
 from sam_train.predictor import SamPredictor
 
-DEFAULT_PHOTO = Path(__file__).resolve().parents[2] / "shared" / "images" / "dog.jpg"
+DEFAULT_PHOTO = Path(__file__).resolve().parents[1] / "tests" / "assets" / "dog.jpg"
 MATCH_IOU = 0.95
 
 

@@ -9,7 +9,7 @@ One core, one process, the same sample for all three:
          batch reaches the training device (DataModule.on_after_batch_transfer, `expand_batch`);
          that step is timed too, on this CPU, for reference
 
-The sample is `../shared/images/cars.jpg` (2250 x 1500) when present, else a synthetic image of
+The sample is `tests/assets/cars.jpg` (2250 x 1500) when present, else a synthetic image of
 that size, with 100 masks of wobbly outline. Output: image 1024 x 1024 canvas; masks at the loss
 resolution, 256 x 256 (image_size / mask_stride 4, the decoder's low-res logits).
 
@@ -35,7 +35,7 @@ from sam_train.data.pipeline import SampleConfig, collate, decode_sample, expand
 from sam_train.data.sa1b import make_annotation, make_record
 from sam_train.data.shards import RawSample
 
-PHOTO = Path(__file__).resolve().parents[2] / "shared" / "images" / "cars.jpg"
+PHOTO = Path(__file__).resolve().parents[1] / "tests" / "assets" / "cars.jpg"
 
 
 def wobbly_masks(rng: np.random.Generator, height: int, width: int, count: int) -> list[np.ndarray]:
@@ -65,7 +65,7 @@ def build_sample(seed: int) -> tuple[RawSample, str]:
         image = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="JPEG", quality=90)
-        data, source = buffer.getvalue(), "synthetic 2250x1500 (shared photo absent)"
+        data, source = buffer.getvalue(), "synthetic 2250x1500 (photo absent)"
     masks = wobbly_masks(np.random.default_rng(seed), height, width, 100)
     record = make_record(0, "sa_0.jpg", height, width, [make_annotation(m, i) for i, m in enumerate(masks)])
     return RawSample("bench.tar", "sa_0", {"jpg": data, "json": json.dumps(record).encode()}), source

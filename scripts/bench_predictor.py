@@ -23,7 +23,7 @@ from segment_anything import sam_model_registry
 from sam_train.model import build_sam, export_official
 from sam_train.predictor import SamPredictor
 
-DEFAULT_PHOTO = Path(__file__).resolve().parents[2] / "shared" / "images" / "dog.jpg"
+DEFAULT_PHOTO = Path(__file__).resolve().parents[1] / "tests" / "assets" / "dog.jpg"
 
 
 def time_predictor(predictor, image: np.ndarray, repeats: int, clicks: int, seed: int) -> tuple[float, float]:

@@ -35,11 +35,11 @@ from sam_train.engine.labelstudio import ASSISTED_LABEL_CONFIG, CLICK, DRAG, IMA
 from sam_train.engine.mlbackend import Backend, ImageSource, Served, make_server
 from sam_train.model import build_sam
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "images"
+PHOTOS = Path(__file__).resolve().parents[1] / "tests" / "assets"
 
 
 def photos(folder: Path, count: int, out: Path) -> list[tuple[Path, int, int]]:
-    """`count` distinct image files (the shared photos, else synthetic 1500 x 1000 noise), with sizes."""
+    """`count` distinct image files (the photos in `folder`, else synthetic 1500 x 1000 noise), with sizes."""
     found = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
     files = []
     for n in range(count):
@@ -118,7 +118,7 @@ def main() -> None:
     print(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         files = photos(args.photos, args.images, Path(tmp))
-        print(f"{len(files)} photos, e.g. {files[0][1]} x {files[0][2]} ({'shared photos' if args.photos.is_dir() else 'synthetic'})")
+        print(f"{len(files)} photos, e.g. {files[0][1]} x {files[0][2]} ({'photos' if args.photos.is_dir() else 'synthetic'})")
         print(f"{'model':8} {'first click':>12} {'from disk':>10} {'later click':>12} {'box':>8} {'first/later':>12}")
         for name in args.models.split(","):
             times = bench_model(name, files, args.clicks, Path(tmp) / "cache")

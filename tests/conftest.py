@@ -1,4 +1,4 @@
-"""Shared fixtures: real photos from ../shared/images and official-format checkpoints with random weights."""
+"""Shared fixtures: real photos from tests/assets and official-format checkpoints with random weights."""
 
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ from PIL import Image
 from sam_train.data.synth import synth_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_IMAGES = Path(os.environ.get("SAM_TRAIN_SHARED_IMAGES", REPO_ROOT.parent / "shared" / "images"))
+TEST_ASSETS = Path(__file__).resolve().parent / "assets"  # real photos shipped with the tests (see its README.md)
 
 
-def load_shared_photo(name: str) -> np.ndarray:
-    """A real RGB photo from ../shared/images, or skip the test saying why."""
-    path = SHARED_IMAGES / name
-    if not path.is_file():
-        pytest.skip(f"real photo {path} is absent (the shared/images folder sits beside the repository in CI)")
-    return np.asarray(Image.open(path).convert("RGB"))
+def load_test_photo(name: str) -> np.ndarray:
+    """A real RGB photo from tests/assets (H x W x 3 uint8)."""
+    return np.asarray(Image.open(TEST_ASSETS / name).convert("RGB"))
 
 
 def perturb_all_weights_(model: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from sam_train.data.iteration import ShardStream
 from sam_train.data.pipeline import SampleConfig, TrainSample, collate, decode_sample, expand_batch, sample_rng
 from sam_train.data.sa1b import make_annotation, make_record
 from sam_train.data.shards import RawSample, iter_raw_samples, resolve_shards, write_shard
-from tests.conftest import load_shared_photo
+from tests.conftest import load_test_photo
 
 
 def jpeg(image: np.ndarray, quality: int = 95) -> bytes:
@@ -151,7 +151,7 @@ def test_bad_input_names_shard_key_and_reason(make, reason):
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale_like_a_full_decode():
-    photo = load_shared_photo("cars.jpg")  # 2250 x 1500, SA-1B size
+    photo = load_test_photo("cars.jpg")  # 2250 x 1500, SA-1B size
     h, w = photo.shape[:2]
     cfg = SampleConfig(image_size=256, mask_stride=4, min_mask_area=0)
     sample = decode_sample(raw_sample(photo, [ellipse(h, w, 700, 1000, 300, 500)]), cfg, np.random.default_rng(0))

@@ -14,7 +14,7 @@ from segment_anything import sam_model_registry
 
 from sam_train.model import build_sam, export_official
 from sam_train.predictor import SamPredictor
-from tests.conftest import load_shared_photo, perturb_all_weights_
+from tests.conftest import load_test_photo, perturb_all_weights_
 
 pytestmark = pytest.mark.slow
 TOL = 1e-4
@@ -41,7 +41,7 @@ def assert_close(ours: np.ndarray | torch.Tensor, theirs: np.ndarray | torch.Ten
 
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:
-    return load_shared_photo("dog.jpg")
+    return load_test_photo("dog.jpg")
 
 
 @pytest.fixture(scope="module")
