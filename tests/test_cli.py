@@ -21,6 +21,7 @@ def sam_train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_demo_writes_overlay_and_reports(tmp_path):
     out = tmp_path / "demo"
     result = sam_train("demo", f"out={out}", "seed=3")
@@ -31,6 +32,7 @@ def test_demo_writes_overlay_and_reports(tmp_path):
     assert image.shape == (360, 3 * 480, 3)
 
 
+@pytest.mark.slow
 def test_demo_with_trained_weights_uses_them(tmp_path):
     path = export_official(perturb_all_weights_(build_sam("tiny"), seed=1), tmp_path / "w.safetensors")
     result = sam_train("demo", f"out={tmp_path}", f"model.checkpoint={path}")

@@ -23,6 +23,8 @@ from sam_train.train import fit
 from tests.conftest import REPO_ROOT, free_port, make_synth, process_env
 from tests.training_probe import StepRecorder
 
+pytestmark = pytest.mark.slow  # multi-process training runs
+
 # Noise-free boxes, no corrective clicks, two rounds feeding the logits back: prompts that do not
 # depend on the rank's random stream, so one process and two see exactly the same sessions.
 DETERMINISTIC_PROMPTS = ["prompts.point_prob=0.0", "prompts.box_noise_std=0.0", "prompts.corrective_rounds=0",

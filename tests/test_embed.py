@@ -18,6 +18,8 @@ from sam_train.embed import check_cache_fits
 from sam_train.model import build_sam
 from tests.conftest import make_synth, process_env
 
+pytestmark = pytest.mark.slow  # multi-process runs
+
 
 def start_embed(dataset: Path, out: Path, *args: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "sam_train.cli", "embed", "builtin", str(dataset), str(out), "samples_per_shard=1",

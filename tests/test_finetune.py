@@ -107,6 +107,7 @@ def test_finetune_experiment_demands_a_checkpoint_and_shards():
         cfg.data.train
 
 
+@pytest.mark.slow
 def test_official_checkpoint_finetuned_with_frozen_encoder_and_lora_exports_what_metas_builder_loads(tmp_path, synth_24):
     torch.manual_seed(0)
     spec = MODEL_SPECS["tiny"]

@@ -62,6 +62,7 @@ def session_losses(m: SamModule, batch: dict, generator: torch.Generator | None 
     return m.interactive_session(embeddings, batch["masks"], batch["image_index"], float(len(batch["masks"])), generator)
 
 
+@pytest.mark.slow
 def test_one_step_reaches_every_trainable_part(synth_24):
     m = module()
     batch = synth_batch(synth_24)
@@ -84,6 +85,7 @@ class RoundRecorder(SamModule):
         return parts, logits, iou
 
 
+@pytest.mark.slow
 def test_rounds_without_the_loss_run_without_a_gradient_and_every_part_still_learns(synth_24):
     m = module()
     m.__class__, m.seen = RoundRecorder, []
@@ -130,6 +132,7 @@ def box_miou(m: SamModule, batch: dict) -> float:
     return result.iou["miou_box"].mean().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_overfitting_a_few_images_lowers_the_loss_and_raises_the_iou(synth_24, optimizer):
     m = module(lr=3e-3, warmup_steps=5, layer_decay=0.9, name=optimizer)
@@ -169,6 +172,7 @@ def test_checkpointed_rounds_give_the_same_loss_and_gradients(synth_24):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fits_in_a_real_trainer_with_the_datamodule(synth_24, tmp_path):
     dm = SA1BDataModule([str(synth_24)], image_size=256, sample={"mask_stride": 4, "max_masks": 8}, batch_size=2,
                         num_workers=0, pin_memory=False)
@@ -198,6 +202,7 @@ class GradientNorms(L.Callback):
         self.after.append(self.norm(module))  # what the optimiser stepped with: zero_grad waits for the next step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", [0.1, None])
 def test_the_gradient_norm_is_logged_before_clipping_and_clipping_still_holds(synth_24, tmp_path, clip):
     dm = SA1BDataModule([str(synth_24)], image_size=256, sample={"mask_stride": 4, "max_masks": 4}, batch_size=2,

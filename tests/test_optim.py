@@ -114,6 +114,7 @@ def test_muon_matrix_update_has_adamw_rms_and_ignores_the_gradient_scale():
     torch.testing.assert_close(changes[0], changes[1], atol=1e-7, rtol=0)
 
 
+@pytest.mark.slow
 def test_non_matrix_groups_step_exactly_as_torch_adamw_and_weight_decay_is_decoupled():
     torch.manual_seed(0)
     ours = build_sam("tiny")
@@ -136,6 +137,7 @@ def test_non_matrix_groups_step_exactly_as_torch_adamw_and_weight_decay_is_decou
             torch.testing.assert_close(param, reference_params[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_muon_state_round_trips_so_a_resumed_run_takes_the_same_next_step():
     torch.manual_seed(0)
     model = build_sam("tiny")

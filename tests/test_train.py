@@ -27,6 +27,7 @@ def overrides(tmp_path, synth_24, steps: int, resume: str | None = None) -> list
     ]
 
 
+@pytest.mark.slow
 def test_fit_writes_a_complete_run_folder_and_resumes(tmp_path, synth_24):
     run = fit(load_config("fit", overrides(tmp_path, synth_24, steps=4)))
     assert run == tmp_path / "quickstart" / "test"
@@ -57,6 +58,7 @@ def train_losses(run) -> dict[int, float]:
     return {int(r["step"]): r["train/loss"] for r in read_log(run) if "train/loss" in r}
 
 
+@pytest.mark.slow
 def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_runs_next_losses(tmp_path, synth_24):
     # A curriculum of 1-round sessions for the first 3 of 5 steps, then the quick start's 5 rounds: the
     # resumed run crosses the switch as the whole one did.
@@ -75,6 +77,7 @@ def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_runs_next_losses(t
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
 
 
+@pytest.mark.slow
 def test_wandb_logs_offline_without_an_api_key(tmp_path, synth_24, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no saved login
@@ -108,6 +111,7 @@ assert not caught, [str(w.message) for w in caught]
 """
 
 
+@pytest.mark.slow
 def test_lightnings_leafspec_deprecation_is_silenced_and_still_raised_without_us():
     done = subprocess.run([sys.executable, "-W", "always", "-c", _LEAFSPEC_PROBE], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -42,6 +42,7 @@ def train_losses(run) -> dict[int, float]:
     return {int(r["step"]): r["train/loss"] for r in read_log(run) if "train/loss" in r}
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_gives_the_frozen_encoders_losses(tmp_path, dataset, cache):
     encoder = fit(load_config("fit", overrides(tmp_path / "encoder", dataset)))
     cached = fit(load_config("fit", overrides(tmp_path / "cached", dataset, f"data.embedding_cache={cache}")))

@@ -337,6 +337,7 @@ def sam_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
+@pytest.mark.slow
 def test_cli_check_exit_codes_and_show(dataset, tmp_path):
     result = sam_train("data", "check", str(dataset), cwd=tmp_path)
     assert result.returncode == 0, result.stderr

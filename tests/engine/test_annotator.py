@@ -50,6 +50,7 @@ def test_review_keeps_corrects_deletes_and_adds(predictor):
     assert review.painted <= len(truth) - 1
 
 
+@pytest.mark.slow
 def test_the_click_budget_limits_what_gets_labelled(predictor):
     scene = draw_cells(np.random.default_rng(5), 240, 320)
     generous = review_image(predictor, scene.image, {}, {}, scene.masks, CFG)

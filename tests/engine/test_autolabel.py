@@ -43,7 +43,7 @@ from sam_train.engine.amg import (
 )
 from sam_train.model import MODEL_SPECS, build_sam
 from sam_train.model.checkpoint import internal_to_official
-from tests.conftest import build_meta_sam_like, load_shared_photo
+from tests.conftest import build_meta_sam_like, load_test_photo
 from tests.test_cli import sam_train
 
 # The built-in tiny predicts IoUs of ~0.4-0.7 and stabilities up to ~0.9 on synthetic scenes: SAM's
@@ -348,6 +348,7 @@ def _write_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_shards_resume_without_duplicates_and_skip_corrupt_images(builtin_tiny, tmp_path):
     paths = _write_images(tmp_path / "images", 3)
     corrupt = tmp_path / "images" / "broken.jpg"
@@ -412,6 +413,7 @@ def test_settings_come_only_from_the_config():
         AmgSettings.from_config({k: v for k, v in amg.as_json().items() if k != "box_nms_thresh"})
 
 
+@pytest.mark.slow
 def test_cli_labels_two_images_with_the_builtin_model(tmp_path):
     paths = _write_images(tmp_path / "images", 2)
     out = tmp_path / "shards"
@@ -446,6 +448,7 @@ def matched(theirs: list[dict], ours: list[np.ndarray] | list[dict], iou: float 
     return float((np.asarray(ious).reshape(len(theirs), -1).max(1) >= iou).mean())
 
 
+@pytest.mark.slow
 def test_same_masks_as_meta_on_the_builtin_tiny(builtin_tiny, scene_image):
     from segment_anything import SamAutomaticMaskGenerator
 
@@ -469,7 +472,7 @@ def test_same_masks_as_meta_on_vit_b(official_vit_b_checkpoint):
     """vit_b with random weights: every mask of every prompt (NMS off: random masks all span the image)."""
     from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
 
-    photo = load_shared_photo("dog.jpg")
+    photo = load_test_photo("dog.jpg")
     common = dict(
         points_per_side=6, points_per_batch=64, pred_iou_thresh=0.0, stability_score_thresh=0.0,
         stability_score_offset=1.0, box_nms_thresh=1.0, crop_n_layers=0, crop_nms_thresh=0.7,

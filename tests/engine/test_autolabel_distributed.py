@@ -23,6 +23,8 @@ from sam_train.engine.amg import autolabel_images, finish_autolabel, list_images
 from sam_train.model import build_sam
 from tests.conftest import process_env
 
+pytestmark = pytest.mark.slow  # multi-process runs
+
 # 4 x 4 prompts on 60 x 80 images keep a process to a few seconds; the built-in tiny's IoU head
 # predicts ~0.35-0.6, so the filters are relaxed to leave masks to compare.
 FAST = ["amg.points_per_side=4", "amg.pred_iou_thresh=0.3", "amg.stability_score_thresh=0.5"]

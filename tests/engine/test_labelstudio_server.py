@@ -8,6 +8,7 @@ import io
 from datetime import datetime, timezone
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sam_train.data import rle as coco_rle
@@ -15,6 +16,8 @@ from sam_train.data.sa1b import make_annotation, make_record
 from sam_train.engine import labelstudio as ls
 from sam_train.engine.records import Edit, Prompt, Provenance
 from tests.engine.conftest import LabelStudioServer
+
+pytestmark = pytest.mark.slow  # a real Label Studio server
 
 H, W = 48, 64
 

@@ -66,6 +66,7 @@ def labels(engine: Engine, version: str) -> dict[str, list[tuple]]:
     return out
 
 
+@pytest.mark.slow
 def test_rounds_versions_and_exact_ingestion(finished):
     engine = finished
     summaries = json.loads((engine.root / "rounds.json").read_text())
@@ -93,6 +94,7 @@ def test_rounds_versions_and_exact_ingestion(finished):
     assert "round 3, step train" in engine.status()
 
 
+@pytest.mark.slow
 def test_kill_9_at_every_step_loses_and_duplicates_nothing(domain, finished, tmp_path):
     root = init_workdir(tmp_path / "work", [domain["pool"]], overrides(domain))
     points = [f"2:{step}:end" for step in STEPS] + ["1:autolabel:start", "2:annotate:item"]
@@ -129,6 +131,7 @@ def test_init_refuses_a_misspelt_choice(domain, tmp_path, setting, message):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
 def test_assisted_round_labels_from_scratch_with_the_backends_clicks(domain, tmp_path):
     root = init_workdir(tmp_path / "work", [domain["pool"]], [*overrides(domain), "assisted_rounds=1", "rounds=1"])
     engine = Engine(root)

@@ -8,10 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sam_train.data.synth import synth_dataset
 from sam_train.engine.loop import CRASH_ENV, Engine, init_workdir
 
 from .test_loop import MINIATURE, labels
+
+pytestmark = pytest.mark.slow  # a real Label Studio server
 
 
 def test_engine_round_through_label_studio_survives_kills(label_studio):

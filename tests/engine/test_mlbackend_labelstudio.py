@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sam_train.data.convert import coco_mask
 from sam_train.engine import brush_rle
@@ -22,6 +23,8 @@ from sam_train.model import build_sam
 from tests.conftest import free_port
 from tests.engine.conftest import LabelStudioServer
 from tests.engine.test_mlbackend import H, W, keypoint, png, rectangle, scene
+
+pytestmark = pytest.mark.slow  # a real Label Studio server
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from sam_train.data.shards import read_manifest
 from tests.conftest import process_env
 from tests.engine.test_autolabel_distributed import FAST, samples_of, write_images
@@ -42,6 +44,7 @@ def test_fake_srun_starts_tasks_as_srun_does():
     assert sorted(allocation.stdout.splitlines()) == ["0 0 0 3", "1 1 0 3", "2 2 0 3"]
 
 
+@pytest.mark.slow
 def test_the_job_requeues_itself_near_its_time_limit_and_resumes(tmp_path):
     images = tmp_path / "images"
     write_images(images, 6)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from sam_train.report import read_log
@@ -31,6 +32,7 @@ def training_ranks(marker: str) -> list[int]:
     return [int(pid) for pid in found.split() if Path(f"/proc/{pid}/exe").resolve().name.startswith("python")]
 
 
+@pytest.mark.slow
 def test_train_sbatch_on_two_nodes_checkpoints_on_sigusr1_requeues_and_resumes(tmp_path):
     data = make_synth(tmp_path, 8, 2)
     bin_dir = tmp_path / "bin"
